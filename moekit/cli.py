@@ -1,0 +1,100 @@
+"""The `moekit` command line: a thin table of subcommands, each a module in `moekit.commands`.
+
+Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`, and
+imports its heavy dependencies inside `run`, so `moekit --help` stays fast. `main(argv)` returns an
+exit code and never calls `sys.exit`, so tests can run it in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+# (command words) -> module implementing it. Add a line here to add a subcommand.
+COMMANDS: dict[tuple[str, ...], str] = {
+    ("info",): "moekit.commands.info",
+    ("bench", "layer"): "moekit.commands.bench_layer",
+}
+
+# Group help for commands that only hold subcommands.
+GROUP_HELP = {
+    "bench": "measure moekit against its competitors",
+    "train": "train a model",
+    "eval": "evaluate a trained model",
+}
+
+# glibc hands large freed buffers back to the OS after every call unless these are raised; for
+# the big, short-lived activations of training that costs up to ~2.5x on a CPU matmul.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, without a traceback (unless --debug)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moekit",
+        description="Mixture-of-Experts layers, language models and recommenders for PyTorch.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help=f"do not restart the process with GLIBC_TUNABLES={MALLOC_TUNABLES} (Linux only)",
+    )
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        subparsers = top
+        for depth, word in enumerate(words[:-1]):
+            key = " ".join(words[: depth + 1])
+            if key not in groups:
+                group = subparsers.add_parser(word, help=GROUP_HELP.get(key, ""))
+                groups[key] = group.add_subparsers(dest=f"command_{depth + 1}", metavar="SUBCOMMAND",
+                                                   required=True)
+            subparsers = groups[key]
+        sub = subparsers.add_parser(words[-1], help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def _tune_malloc_and_reexec(argv: Sequence[str]) -> None:
+    """Restart once with the glibc malloc tunables set, when running as the `moekit` program."""
+    if (
+        sys.platform != "linux"
+        or "GLIBC_TUNABLES" in os.environ
+        or os.environ.get("MOEKIT_NO_REEXEC")
+        or not sys.argv
+        or not sys.argv[0].endswith("moekit")
+    ):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES, MOEKIT_NO_REEXEC="1")
+    os.execve(sys.executable, [sys.executable, "-m", "moekit", *argv], env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.no_malloc_tuning and getattr(args._module, "TUNE_MALLOC", False):
+        _tune_malloc_and_reexec(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("moekit: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, FileNotFoundError, OSError, RuntimeError) as error:
+        if args.debug:
+            raise
+        print(f"moekit: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `moekit` subcommand; see `moekit.cli.COMMANDS`."""

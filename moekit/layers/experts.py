@@ -1,0 +1,174 @@
+"""Expert feed-forward networks, stored stacked over experts so they run as grouped GEMMs.
+
+Shape suffixes: T tokens, P grouped rows (tokens sorted by expert, possibly padded), D d_model,
+H hidden width, O output width, E experts, M = 2 for gated experts (gate and up halves), else 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def activate(h: Tensor, expert_type: str, activation: str) -> Tensor:
+    """The nonlinearity between the two projections. Gated types get [gate | up] along the last dim."""
+    if expert_type == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if expert_type == "geglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.gelu(gate) * up
+    return _ACTIVATIONS[activation](h)
+
+
+def _grouped_mm_supported(x: Tensor) -> bool:
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        # The CUDA kernels take bf16 on sm80+ (see torch.nn.functional.grouped_mm).
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+def grouped_matmul(x_PD: Tensor, w_EOD: Tensor, offsets_E: Tensor) -> Tensor:
+    """Rows offsets[e-1]:offsets[e] of x times w[e].T, for every expert e: (P, D) -> (P, O).
+
+    Every row of x must belong to a group (offsets[-1] == P): grouped_mm leaves rows past the
+    last offset uninitialised.
+    """
+    if _grouped_mm_supported(x_PD):
+        return F.grouped_mm(x_PD, w_EOD.transpose(-2, -1), offs=offsets_E)
+    # Fallback (e.g. float32 on CUDA): one matmul per expert. unbind() once, not w[e] in the loop,
+    # so autograd does not build a full-size zero gradient for every expert slice.
+    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
+    pieces = [x_e @ w_e.t() for x_e, w_e in zip(x_PD.split(counts), w_EOD.unbind(0), strict=True)]
+    return torch.cat(pieces) if pieces else x_PD.new_zeros(0, w_EOD.shape[1])
+
+
+class GroupedExperts(nn.Module):
+    """E independent feed-forward experts with stacked weights.
+
+    w_in (E, M*H, D) and w_out (E, O, H) are laid out like nn.Linear weights (out, in), per expert.
+    A 'linear' expert has only w_in (E, O, D).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        expert_type: str = "swiglu",
+        activation: str = "gelu",
+        bias: bool = False,
+        d_out: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.expert_type, self.activation = expert_type, activation
+        self.d_out = d_out or d_model
+        gated = expert_type in ("swiglu", "geglu")
+        if expert_type == "linear":
+            self.w_in = nn.Parameter(torch.empty(num_experts, self.d_out, d_model))
+            self.w_out = None
+        else:
+            self.w_in = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * d_ff, d_model))
+            self.w_out = nn.Parameter(torch.empty(num_experts, self.d_out, d_ff))
+        self.b_in = nn.Parameter(torch.empty(num_experts, self.w_in.shape[1])) if bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, self.d_out)) if bias and self.w_out is not None else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        for weight, bias in ((self.w_in, self.b_in), (self.w_out, self.b_out)):
+            if weight is None:
+                continue
+            bound = 1 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+
+    def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731 (autocast-style cast)
+        return cast(self.w_in), cast(self.b_in), cast(self.w_out), cast(self.b_out)
+
+    def forward(self, x_PD: Tensor, offsets_E: Tensor) -> Tensor:
+        """Grouped compute: x sorted by expert, expert e owning rows offsets[e-1]:offsets[e]."""
+        w_in, b_in, w_out, b_out = self._weights(x_PD.dtype)
+        expert_P = None
+        if b_in is not None:
+            rows = torch.arange(x_PD.shape[0], device=x_PD.device, dtype=offsets_E.dtype)
+            expert_P = torch.searchsorted(offsets_E, rows, right=True)
+        h_PH = grouped_matmul(x_PD, w_in, offsets_E)
+        if b_in is not None:
+            h_PH = h_PH + b_in.index_select(0, expert_P)
+        if w_out is None:
+            return h_PH
+        h_PH = activate(h_PH, self.expert_type, self.activation)
+        y_PO = grouped_matmul(h_PH, w_out, offsets_E)
+        if b_out is not None:
+            y_PO = y_PO + b_out.index_select(0, expert_P)
+        return y_PO
+
+    def forward_each(self, x_TD: Tensor, dtype: torch.dtype | None = None) -> list:
+        """Per-expert callables, for the loop backend: experts[e](x_nD) -> (n, O)."""
+        w_in, b_in, w_out, b_out = self._weights(dtype or x_TD.dtype)
+        E = self.num_experts
+        w_in_e, w_out_e = w_in.unbind(0), (w_out.unbind(0) if w_out is not None else [None] * E)
+        b_in_e = b_in.unbind(0) if b_in is not None else [None] * E
+        b_out_e = b_out.unbind(0) if b_out is not None else [None] * E
+
+        def expert(e: int, x_nD: Tensor) -> Tensor:
+            h = F.linear(x_nD, w_in_e[e], b_in_e[e])
+            if w_out_e[e] is None:
+                return h
+            return F.linear(activate(h, self.expert_type, self.activation), w_out_e[e], b_out_e[e])
+
+        return [lambda x_nD, e=e: expert(e, x_nD) for e in range(E)]
+
+    def forward_dense(self, x_TD: Tensor) -> Tensor:
+        """Every expert on every token: (T, D) -> (T, E, O). For few experts or soft routing."""
+        w_in, b_in, w_out, b_out = self._weights(x_TD.dtype)
+        h_TEH = torch.einsum("td,ehd->teh", x_TD, w_in)
+        if b_in is not None:
+            h_TEH = h_TEH + b_in
+        if w_out is None:
+            return h_TEH
+        h_TEH = activate(h_TEH, self.expert_type, self.activation)
+        y_TEO = torch.einsum("teh,eoh->teo", h_TEH, w_out)
+        if b_out is not None:
+            y_TEO = y_TEO + b_out
+        return y_TEO
+
+
+class FeedForward(nn.Module):
+    """One dense FFN of the same kinds as the experts: the shared experts, or a dense transformer FFN."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        expert_type: str = "swiglu",
+        activation: str = "gelu",
+        bias: bool = False,
+        d_out: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.expert_type, self.activation = expert_type, activation
+        gated = expert_type in ("swiglu", "geglu")
+        d_out = d_out or d_model
+        if expert_type == "linear":
+            self.w_in, self.w_out = nn.Linear(d_model, d_out, bias=bias), None
+        else:
+            self.w_in = nn.Linear(d_model, (2 if gated else 1) * d_ff, bias=bias)
+            self.w_out = nn.Linear(d_ff, d_out, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w_in(x)
+        if self.w_out is None:
+            return h
+        return self.w_out(activate(h, self.expert_type, self.activation))

@@ -1,0 +1,1 @@
+"""Training loops, losses, callbacks, checkpoints and metrics."""

@@ -1,0 +1,44 @@
+"""Evaluation metrics. AUC comes from scikit-learn; ranking metrics follow their textbook definitions.
+
+Ranking metrics take the 0-based rank of the one held-out target item among all candidates
+(0 = ranked first), as in leave-one-out evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+
+def roc_auc(labels, scores, sample_weight=None) -> float:
+    """Area under the ROC curve (scikit-learn); NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    if labels.size == 0 or np.unique(labels).size < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, np.asarray(scores), sample_weight=sample_weight))
+
+
+def target_ranks(scores_NI: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's target among its scores (ties count against the target:
+    an item scoring equal to the target ranks ahead of it, so constant scores give no credit).
+    Exclude items by setting their score to -inf before calling."""
+    target_scores_N1 = scores_NI.gather(1, target_N.view(-1, 1))
+    return (scores_NI >= target_scores_N1).sum(dim=1) - 1
+
+
+def ranking_metrics(ranks: torch.Tensor | np.ndarray, ks: Iterable[int] = (5, 10, 20)) -> dict[str, float]:
+    """HR@K (hit rate = recall with one target), NDCG@K = 1/log2(rank+2) if rank < K, MRR@K."""
+    ranks = torch.as_tensor(ranks, dtype=torch.float64)
+    out: dict[str, float] = {}
+    if ranks.numel() == 0:
+        return {f"{m}@{k}": float("nan") for k in ks for m in ("HR", "NDCG", "MRR")}
+    for k in ks:
+        hit = ranks < k
+        out[f"HR@{k}"] = hit.double().mean().item()
+        out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2), 0.0).mean().item()
+        out[f"MRR@{k}"] = torch.where(hit, 1.0 / (ranks + 1), 0.0).mean().item()
+    return out
