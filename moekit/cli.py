@@ -16,7 +16,7 @@ from collections.abc import Sequence
 # (command words) -> module implementing it. Add a line here to add a subcommand.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("info",): "moekit.commands.info",
-    ("bench", "layer"): "moekit.commands.bench_layer",
+    # ("bench", "layer"): "moekit.commands.bench_layer",
 }
 
 # Group help for commands that only hold subcommands.
