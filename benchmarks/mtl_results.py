@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from moekit.data.census import load_census_income  # noqa: E402
 from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
-from moekit.train.mtl import MTLTrainConfig, fit_one, gate_table, mean_gates, plot_gate_heatmap  # noqa: E402
+from moekit.train.mtl import MTLTrainConfig, fit_one, gate_table, plot_gate_heatmap  # noqa: E402
 
 MOEKIT_MODELS = ("shared_bottom", "omoe", "mmoe", "ple")
 RECHUB_MODELS = ("mmoe", "ple")
@@ -267,7 +267,7 @@ def main() -> int:
         write_report(results, args, out_dir)
     g1 = results["groups"].get("1")
     if g1:
-        panels = {f"moekit {name}": (mean_gates(g1["moekit"][name][:1], g1["tasks"]),
+        panels = {f"moekit {name}": (g1["moekit"][name][0]["gates"],
                                      g1["moekit"][name][0]["expert_names"])
                   for name in ("omoe", "mmoe", "ple") if g1["moekit"].get(name)}
         plot_gate_heatmap(panels, out_dir / "mtl_gates.png",

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # (command words) -> module implementing it. Add a line here to add a subcommand.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("info",): "moekit.commands.info",
+    ("train", "mtl"): "moekit.commands.train_mtl",
     # ("bench", "layer"): "moekit.commands.bench_layer",
 }
 

@@ -78,7 +78,7 @@ class ExpertBank(nn.Module):
     """
 
     def __init__(self, groups: int, experts: int, d_in: int, d_hidden: int, d_out: int,
-                 residual: bool = False, dropout: float = 0.0) -> None:
+                 residual: bool = False, dropout: float = 0.0, batchnorm: bool = False) -> None:
         super().__init__()
         self.groups, self.experts, self.d_out = groups, experts, d_out
         self.w1_GEHD = nn.Parameter(torch.empty(groups, experts, d_hidden, d_in))
@@ -89,6 +89,11 @@ class ExpertBank(nn.Module):
         if residual:
             self.skip = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Optional BatchNorm before each ReLU, per (expert, unit): one BatchNorm1d over a group's
+        # contiguous (N, E * width) slab, so it costs no copy.
+        norms = lambda width: nn.ModuleList(nn.BatchNorm1d(experts * width) for _ in range(groups))  # noqa: E731
+        self.norm1 = norms(d_hidden) if batchnorm else None
+        self.norm2 = norms(d_out) if batchnorm else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,12 +108,20 @@ class ExpertBank(nn.Module):
         E, H = self.experts, self.w1_GEHD.shape[2]
         # First layer of all E experts as one (N, D) x (D, E*H) matmul per group.
         h_GNEH = torch.bmm(x_GND, self.w1_GEHD.reshape(G, E * H, D).transpose(1, 2)).view(G, N, E, H)
-        h_GNEH = F.relu(h_GNEH + self.b1_GEH.unsqueeze(1))
+        h_GNEH = F.relu(self._norm(self.norm1, h_GNEH + self.b1_GEH.unsqueeze(1)))
         y_GNEO = torch.einsum("gneh,geoh->gneo", h_GNEH, self.w2_GEOH) + self.b2_GEO.unsqueeze(1)
-        y_GNEO = F.relu(y_GNEO)
+        y_GNEO = F.relu(self._norm(self.norm2, y_GNEO))
         if self.skip is not None:
             y_GNEO = y_GNEO + self.skip(x_GND).unsqueeze(2)
         return self.dropout(y_GNEO)
+
+    @staticmethod
+    def _norm(norms: nn.ModuleList | None, h_GNEW: Tensor) -> Tensor:
+        if norms is None:
+            return h_GNEW
+        G, N, E, W = h_GNEW.shape
+        normed = [norm(h_GNEW[g].reshape(N, E * W)) for g, norm in enumerate(norms)]
+        return torch.stack(normed).view(G, N, E, W)
 
 
 class SoftmaxGate(nn.Module):
@@ -166,7 +179,7 @@ class CGCLevel(nn.Module):
         self.num_tasks, self.last = num_tasks, last
         self.num_specific, self.num_shared = cfg.num_specific_experts, cfg.num_shared_experts
         bank = dict(d_in=d_in, d_hidden=cfg.expert_hidden, d_out=cfg.expert_dim,
-                    residual=cfg.residual_experts, dropout=cfg.expert_dropout)
+                    residual=cfg.residual_experts, dropout=cfg.expert_dropout, batchnorm=cfg.expert_batchnorm)
         self.specific = ExpertBank(num_tasks, self.num_specific, **bank) if self.num_specific else None
         self.shared = ExpertBank(1, self.num_shared, **bank)
         per_task = self.num_specific + self.num_shared
@@ -218,6 +231,7 @@ class MultiTaskConfig:
     expert_dim: int = 32
     expert_dropout: float = 0.0
     residual_experts: bool = False
+    expert_batchnorm: bool = False  # BatchNorm inside experts, as torch-rechub's MLP experts have
     gate: str = "softmax"
     # PLE: experts per task and shared experts at each of `num_levels` CGC levels.
     num_specific_experts: int = 2
@@ -298,7 +312,7 @@ class MultiTaskModel(nn.Module):
             d_tower = cfg.bottom_widths[-1]
         elif cfg.architecture in ("omoe", "mmoe"):
             self.experts = ExpertBank(1, cfg.num_experts, d_in, cfg.expert_hidden, cfg.expert_dim,
-                                      cfg.residual_experts, cfg.expert_dropout)
+                                      cfg.residual_experts, cfg.expert_dropout, cfg.expert_batchnorm)
             num_gates = 1 if cfg.architecture == "omoe" else T
             self.gates = nn.ModuleList(build_gate(cfg.gate, d_in, cfg.num_experts, cfg.expert_dim)
                                        for _ in range(num_gates))

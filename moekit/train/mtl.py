@@ -63,6 +63,7 @@ class MTLTrainConfig:
     expert_dim: int = 32
     expert_dropout: float = 0.0
     residual_experts: bool = False
+    expert_batchnorm: bool = False
     gate: str = "softmax"
     num_specific_experts: int = 2
     num_shared_experts: int = 4
@@ -296,18 +297,11 @@ def train_mtl(cfg: MTLTrainConfig, data=None, log=print) -> dict:
         log("test AUC: " + ", ".join(f"{t} {run['test_auc'][t]:.4f}" for t in data.tasks)
             + f" (best epoch {run['best_epoch']})")
     results["expert_names"] = results["runs"][-1]["expert_names"]
-    results["gates"] = mean_gates(results["runs"], data.tasks)
+    # Gates of the first seed: experts are exchangeable between seeds, so averaging them means nothing.
+    results["gates"] = results["runs"][0]["gates"]
     if out_dir is not None:
         atomic_write_json(out_dir / "metrics.json", results)
     return results
-
-
-def mean_gates(runs: list[dict], tasks) -> dict[str, list[float]]:
-    """Per task, the mean gate weight on each expert over the test set, averaged over seeds.
-    (Experts are exchangeable across seeds, so per-seed tables are in results['runs'] too.)"""
-    if not runs or not runs[0]["gates"]:
-        return {}
-    return {t: np.mean([r["gates"][t] for r in runs], axis=0).tolist() for t in tasks}
 
 
 def save_checkpoint(path: str | Path, model: MultiTaskModel, spec: FeatureSpec) -> Path:
