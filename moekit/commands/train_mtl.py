@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--expert-dim", type=int, default=d.expert_dim)
     model.add_argument("--gate", default=d.gate, choices=["softmax", "attention"])
     model.add_argument("--residual-experts", action="store_true")
-    model.add_argument("--no-input-batchnorm", dest="input_batchnorm", action="store_false")
+    model.add_argument("--input-batchnorm", action="store_true", help="BatchNorm on the input row")
+    model.add_argument("--expert-batchnorm", action="store_true", help="BatchNorm inside the experts")
     model.add_argument("--input-dropout", type=float, default=d.input_dropout)
     model.add_argument("--expert-dropout", type=float, default=d.expert_dropout)
     model.add_argument("--specific-experts", dest="num_specific_experts", type=int,

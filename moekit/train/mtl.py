@@ -56,7 +56,7 @@ class MTLTrainConfig:
     task_weights: tuple[float, ...] | None = None  # fixed weights; default 1 per task
     # Model.
     embed_dim: int = 4
-    input_batchnorm: bool = True
+    input_batchnorm: bool = False
     input_dropout: float = 0.0
     num_experts: int = 8
     expert_hidden: int = 64

@@ -80,7 +80,7 @@ def test_expert_batchnorm_normalises_each_expert_unit():
 
 def test_mmoe_matches_a_plain_reference():
     torch.manual_seed(1)
-    model = tiny("mmoe")
+    model = tiny("mmoe", input_batchnorm=True)
     # Move the BatchNorm statistics off their defaults so the reference must apply them.
     model.input_norm.running_mean.uniform_(-1, 1)
     model.input_norm.running_var.uniform_(0.5, 2)
