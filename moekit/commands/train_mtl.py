@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
     from moekit.train.mtl import MTLTrainConfig, gate_table, plot_gate_heatmap, train_mtl
 
-    cfg = MTLTrainConfig(**{f.name: getattr(args, f.name) for f in fields(MTLTrainConfig)})
+    # Fields without a flag (eval_batch_size) keep their defaults.
+    cfg = MTLTrainConfig(**{f.name: getattr(args, f.name) for f in fields(MTLTrainConfig)
+                            if hasattr(args, f.name)})
     results = train_mtl(cfg)
     tasks = results["tasks"]
     print()
