@@ -1,4 +1,4 @@
-"""Training throughput (samples/s) of MMoE and PLE: moekit vs torch-rechub's MTLTrainer vs DeepCTR-Torch's fit.
+"""Training throughput (samples/s) of MMoE and PLE: moekit vs torch-rechub's trainer vs DeepCTR-Torch's fit.
 
 Same data (Census-Income group 1 training split: 49,881 rows, 32 categorical + 7 numeric features),
 same sizes (embedding 4, 8 experts of two layers 32 -> 16, towers with one hidden layer of 16; PLE: 2
@@ -61,14 +61,17 @@ def rechub_epochs(model: str, data, epochs: int) -> list[float]:
     towers = [{"dims": list(SIZES["tower_widths"])}] * 2
     types = ["classification"] * 2
     if model == "mmoe":
-        net = MMOE(features, types, n_expert=SIZES["num_experts"], expert_params=expert, tower_params_list=towers)
+        net = MMOE(features, types, n_expert=SIZES["num_experts"], expert_params=expert,
+                   tower_params_list=towers)
     else:
-        net = PLE(features, types, n_level=SIZES["num_levels"], n_expert_specific=SIZES["num_specific_experts"],
+        net = PLE(features, types, n_level=SIZES["num_levels"],
+                  n_expert_specific=SIZES["num_specific_experts"],
                   n_expert_shared=SIZES["num_shared_experts"], expert_params=expert, tower_params_list=towers)
     x, y = as_dict(data, data.train)
-    loader = DataGenerator(x, y).generate_dataloader(x_val=x, y_val=y, x_test=x, y_test=y, batch_size=BATCH)[0]
+    loader = DataGenerator(x, y).generate_dataloader(x_val=x, y_val=y, x_test=x, y_test=y,
+                                                     batch_size=BATCH)[0]
     trainer = MTLTrainer(net, task_types=types, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
-                         n_epoch=1, device="cpu", model_path="/tmp")
+                         n_epoch=1, device="cpu")  # train_one_epoch saves nothing
     rates = []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -111,7 +114,8 @@ def main() -> int:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     data = load_census_income(args.data_dir, group=1)
-    results = {"protocol": data.protocol, "rows": len(data.train), "sizes": SIZES, "batch_size": BATCH, "runs": {}}
+    results = {"protocol": data.protocol, "rows": len(data.train), "sizes": SIZES, "batch_size": BATCH,
+               "runs": {}}
     runners = {"moekit": moekit_epochs, "torch-rechub 0.9.0 MTLTrainer": rechub_epochs,
                "DeepCTR-Torch 0.3.0 fit": deepctr_epochs}
     for model in ("mmoe", "ple"):
@@ -123,11 +127,12 @@ def main() -> int:
                             text=True).stdout.strip()
     lines = [
         "# Multi-task training throughput: moekit vs torch-rechub vs DeepCTR-Torch", "",
-        f"Produced by `python benchmarks/mtl_throughput.py --data-dir ../shared/data/census-income` at commit "
-        f"`{commit}` on a shared 2-core CPU ({platform.machine()}, torch {torch.__version__}), "
+        "Produced by `python benchmarks/mtl_throughput.py --data-dir ../shared/data/census-income` at "
+        f"commit `{commit}` on a shared 2-core CPU ({platform.machine()}, torch {torch.__version__}), "
         "**1 thread per library** (the machine is shared with other jobs; 2 threads oversubscribe it).", "",
-        f"Protocol: Census-Income group 1 training rows of the test-file-only split ({len(data.train):,} rows, "
-        "32 categorical features embedded in 4 dims + 7 numeric), batch 1024, Adam; MMoE with 8 experts "
+        "Protocol: Census-Income group 1 training rows of the test-file-only split "
+        f"({len(data.train):,} rows, 32 categorical features embedded in 4 dims + 7 numeric), batch 1024, "
+        "Adam; MMoE with 8 experts "
         "(two layers 32 -> 16), PLE with 2 levels of 2 specific + 4 shared experts; towers 16 -> 1. Each "
         f"library runs {args.epochs} epochs through its own training entry point (moekit `fit_one`, "
         "torch-rechub `MTLTrainer.train_one_epoch` with its DataLoader, DeepCTR-Torch `fit`); the fastest "
