@@ -120,13 +120,12 @@ def fmt(runs, task) -> str:
 
 
 def write_report(results: dict, args, out_dir: Path) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = results.get("commit", "unknown")
     lines = [
         "# Multi-task learning on Census-Income (KDD): moekit vs torch-rechub",
         "",
         "Produced by `python benchmarks/mtl_results.py --data-dir ../shared/data/census-income "
-        f"--seeds {args.seeds}` at commit `{commit}` on a shared 2-core CPU "
+        f"--seeds {args.seeds}` (runs made at commit `{commit}`) on a shared 2-core CPU "
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread per run).",
         "",
         "## Protocol",
@@ -162,18 +161,14 @@ def write_report(results: dict, args, out_dir: Path) -> None:
         lines += [f"## Group {group}: test AUC ({', '.join(tasks)}), mean ± std over {args.seeds} seeds", "",
                   "| library | model | " + " | ".join(f"{t} AUC" for t in tasks) + " | mean epochs |",
                   "|---|---|" + "---|" * (len(tasks) + 1)]
-        for name in MOEKIT_MODELS:
-            runs = g["moekit"].get(name, [])
-            if runs:
-                epochs = np.mean([r["epochs_run"] for r in runs])
-                lines.append(f"| moekit | {name} | " + " | ".join(fmt(runs, t) for t in tasks)
-                             + f" | {epochs:.1f} |")
-        for name in RECHUB_MODELS:
-            runs = g["rechub"].get(name, [])
-            if runs:
-                epochs = np.mean([r["epochs_run"] for r in runs])
-                lines.append(f"| torch-rechub 0.9.0 | {name} | " + " | ".join(fmt(runs, t) for t in tasks)
-                             + f" | {epochs:.1f} |")
+        for library, key, names in (("moekit", "moekit", MOEKIT_MODELS),
+                                    ("torch-rechub 0.9.0", "rechub", RECHUB_MODELS)):
+            for name in names:
+                runs = g[key].get(name, [])
+                if runs:
+                    epochs = np.mean([r["epochs_run"] for r in runs])
+                    lines.append(f"| {library} | {name} | " + " | ".join(fmt(runs, t) for t in tasks)
+                                 + f" | {epochs:.1f} |")
         lines += ["", *target_lines(g, tasks, group), ""]
     lines += ["## Published numbers (loose reference only: different protocol, trained on the official "
               "199,523-row training file)", "", PUBLISHED]
@@ -207,7 +202,7 @@ def target_lines(g: dict, tasks, group: int) -> list[str]:
     if group == 1 and g["moekit"].get("ple") and g["moekit"].get("mmoe"):
         for t in tasks:
             m_ple, m_mmoe = mean_std(g["moekit"]["ple"], t)[0], mean_std(g["moekit"]["mmoe"], t)[0]
-            out.append(f"- PLE >= MMoE on group 1, {t}: {m_ple:.4f} vs {m_mmoe:.4f} ({m_ple - m_mmoe:+.4f}; "
+            out.append(f"- PLE >= MMoE on group 1, {t}: {m_ple:.5f} vs {m_mmoe:.5f} ({m_ple - m_mmoe:+.5f}; "
                        f"{'met' if m_ple >= m_mmoe else 'MISSED'})")
     return out
 
@@ -233,6 +228,9 @@ def main() -> int:
         import json
 
         results = json.loads(raw_path.read_text())
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+    results.setdefault("commit", head)  # a --resume keeps the commit the runs were made at
     cfg = base_config(args)
 
     def log(msg: str) -> None:
