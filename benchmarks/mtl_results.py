@@ -147,7 +147,11 @@ def write_report(results: dict, args, out_dir: Path) -> None:
         "- Early stopping: moekit on the mean validation AUC over tasks; torch-rechub's MTLTrainer on the "
         "first task's validation AUC (its only option).",
         f"- Reduced protocol for time (shared 2-core machine): at most {args.epochs} epochs rather than "
-        "training to convergence with long patience.",
+        "training to convergence with long patience. moekit's runs all reached that cap (mean epochs "
+        "column), so their numbers are if anything understated.",
+        "- Commits after the one named above changed only the layout of moekit's fused expert bank for "
+        "speed (the same arithmetic, not bit-identical); rerun the command to reproduce at the current "
+        "commit.",
         "- moekit options used: the defaults (softmax gates, no input or expert BatchNorm, no residual "
         "experts, attention gates or dropout). One tuning decision was made on group 1, seed 0, validation "
         "AUC: input BatchNorm is off by default because it cost ~0.005 income AUC there.",
