@@ -5,8 +5,8 @@ same sizes (embedding 4, 8 experts of two layers 32 -> 16, towers with one hidde
 levels of 2 task-specific + 2 shared experts: DeepCTR-Torch 0.3.0's PLE crashes with more shared than
 specific experts, as it builds the shared experts with specific_expert_num), batch 1024, Adam, one
 thread each, side by side in one process. Each library trains `--epochs` full epochs through its own
-training entry point (the whole loop: batching, forward, backward, optimizer step); the fastest epoch
-counts. Writes docs/results/mtl_throughput.md and .json.
+training entry point (the whole loop: batching, forward, backward, optimizer step), round robin across
+libraries; the fastest epoch counts. Writes docs/results/mtl_throughput.md and .json.
 
     python benchmarks/mtl_throughput.py --data-dir ../shared/data/census-income
 """
@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.data.census import load_census_income  # noqa: E402
+from moekit.models.multitask import MultiTaskModel  # noqa: E402
 from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
-from moekit.train.mtl import MTLTrainConfig, fit_one  # noqa: E402
+from moekit.train.mtl import MTLTrainConfig, make_adam, train_epoch  # noqa: E402
+from moekit.train.reproducibility import seed_everything  # noqa: E402
 
 SIZES = dict(embed_dim=4, num_experts=8, expert_hidden=32, expert_dim=16, tower_widths=(16,),
              num_specific_experts=2, num_shared_experts=2, num_levels=2)
@@ -42,14 +44,24 @@ def as_dict(data, batch):
     return x, batch.labels_NT.numpy()
 
 
-def moekit_epochs(model: str, data, epochs: int) -> list[float]:
-    cfg = MTLTrainConfig(model=model, epochs=epochs, patience=epochs, batch_size=BATCH, lr=1e-3, threads=1,
-                         progress=False, **SIZES)
-    _, run = fit_one(cfg, data, seed=0, log=lambda m: None)
-    return [h["samples_per_s"] for h in run["history"]]
+def timed(n: int, run_epoch) -> float:
+    start = time.perf_counter()
+    run_epoch()
+    return n / (time.perf_counter() - start)
 
 
-def rechub_epochs(model: str, data, epochs: int) -> list[float]:
+def moekit_trainer(model: str, data):
+    """One training epoch of moekit's loop (`train_epoch`: device tensors, index batches, fused experts)."""
+    cfg = MTLTrainConfig(model=model, batch_size=BATCH, lr=1e-3, **SIZES)
+    generator = seed_everything(0)
+    net = MultiTaskModel(cfg.model_config(data.spec, tuple(data.tasks)))
+    optimizer = make_adam(net.parameters(), cfg.lr)
+    combine = lambda losses_T: losses_T.sum()  # noqa: E731
+    return lambda: timed(len(data.train), lambda: train_epoch(net, optimizer, data.train, BATCH, generator,
+                                                              combine))
+
+
+def rechub_trainer(model: str, data):
     from torch_rechub.basic.features import DenseFeature, SparseFeature
     from torch_rechub.models.multi_task import MMOE, PLE
     from torch_rechub.trainers import MTLTrainer
@@ -73,15 +85,10 @@ def rechub_epochs(model: str, data, epochs: int) -> list[float]:
                                                      batch_size=BATCH)[0]
     trainer = MTLTrainer(net, task_types=types, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
                          n_epoch=1, device="cpu")  # train_one_epoch saves nothing
-    rates = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        trainer.train_one_epoch(loader)
-        rates.append(len(data.train) / (time.perf_counter() - start))
-    return rates
+    return lambda: timed(len(data.train), lambda: trainer.train_one_epoch(loader))
 
 
-def deepctr_epochs(model: str, data, epochs: int) -> list[float]:
+def deepctr_trainer(model: str, data):
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import MMOE, PLE
 
@@ -98,18 +105,13 @@ def deepctr_epochs(model: str, data, epochs: int) -> list[float]:
                   specific_expert_num=SIZES["num_specific_experts"], num_levels=SIZES["num_levels"], **common)
     net.compile("adam", loss=["binary_crossentropy", "binary_crossentropy"])
     x, y = as_dict(data, data.train)
-    rates = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        net.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-        rates.append(len(data.train) / (time.perf_counter() - start))
-    return rates
+    return lambda: timed(len(data.train), lambda: net.fit(x, y, batch_size=BATCH, epochs=1, verbose=0))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data/census-income")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out-dir", default=str(ROOT / "docs" / "results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -117,13 +119,16 @@ def main() -> int:
     data = load_census_income(args.data_dir, group=1)
     results = {"protocol": data.protocol, "rows": len(data.train), "sizes": SIZES, "batch_size": BATCH,
                "runs": {}}
-    runners = {"moekit": moekit_epochs, "torch-rechub 0.9.0 MTLTrainer": rechub_epochs,
-               "DeepCTR-Torch 0.3.0 fit": deepctr_epochs}
-    for model in ("mmoe", "ple"):
-        for lib, runner in runners.items():
-            rates = runner(model, data, args.epochs)
-            results["runs"][f"{lib} / {model}"] = rates
-            print(f"{model:5s} {lib:32s} epochs: {[f'{r:,.0f}' for r in rates]} samples/s", flush=True)
+    runners = {"moekit": moekit_trainer, "torch-rechub 0.9.0 MTLTrainer": rechub_trainer,
+               "DeepCTR-Torch 0.3.0 fit": deepctr_trainer}
+    epochs = {f"{lib} / {model}": runner(model, data) for model in ("mmoe", "ple")
+              for lib, runner in runners.items()}
+    # Round robin: epoch r of every library runs before epoch r + 1 of any, so load changes on the shared
+    # machine hit all libraries alike rather than whichever happened to run during them.
+    for round_ in range(args.epochs):
+        for key, run_epoch in epochs.items():
+            results["runs"].setdefault(key, []).append(run_epoch())
+            print(f"round {round_}: {key:40s} {results['runs'][key][-1]:,.0f} samples/s", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     lines = [
@@ -136,7 +141,8 @@ def main() -> int:
         "Adam; MMoE with 8 experts "
         "(two layers 32 -> 16), PLE with 2 levels of 2 specific + 2 shared experts (DeepCTR-Torch 0.3.0's "
         "PLE crashes with more shared than specific experts); towers 16 -> 1. Each "
-        f"library runs {args.epochs} epochs through its own training entry point (moekit `fit_one`, "
+        f"library runs {args.epochs} epochs, round robin (one epoch of each library in turn, so load changes "
+        "on the shared machine hit all alike), through its own training entry point (moekit `train_epoch`, "
         "torch-rechub `MTLTrainer.train_one_epoch` with its DataLoader, DeepCTR-Torch `fit`); the fastest "
         "epoch is reported. Architectures differ in details each library fixes (torch-rechub puts BatchNorm "
         "in every layer, DeepCTR-Torch adds L2 regularisation terms); sizes and FLOPs match.", "",

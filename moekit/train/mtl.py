@@ -150,12 +150,42 @@ def evaluate(model: MultiTaskModel, data: TabularBatch, batch_size: int = 16384)
     return result
 
 
-def _adam(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     # The fused kernel updates all parameters in one pass (CPU and CUDA); fall back where unsupported.
     try:
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def train_epoch(model: MultiTaskModel, optimizer: torch.optim.Optimizer, train: TabularBatch,
+                batch_size: int, generator: torch.Generator, combine, progress: bool = False,
+                desc: str = "") -> tuple[float, int]:
+    """One pass over `train` (tensors already on the device) in a seeded random order: index slices,
+    no DataLoader. `combine` maps the (T,) task losses to the scalar to minimise. Returns (mean loss,
+    steps); the loss is read back once per epoch, not per step, so the device never waits on the host."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    n, types = len(train), model.task_types
+    order = torch.randperm(n, generator=generator).to(train.cat_NC.device)
+    bar = tqdm(total=n, unit="row", unit_scale=True, desc=desc, leave=False, disable=not progress,
+               mininterval=0.5)
+    loss_sum, steps = torch.zeros((), device=train.cat_NC.device), 0
+    for lo in range(0, n, batch_size):
+        idx = order[lo:lo + batch_size]
+        if idx.numel() < 2:  # BatchNorm cannot train on one row
+            continue
+        out = model(train.cat_NC[idx], train.num_NF[idx])
+        loss = combine(task_losses(out.logits, train.labels_NT[idx], types))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        steps += 1
+        bar.update(idx.numel())
+    bar.close()
+    return (loss_sum / max(steps, 1)).item(), steps
 
 
 def _mean_auc(aucs: dict[str, float]) -> float:
@@ -165,19 +195,17 @@ def _mean_auc(aucs: dict[str, float]) -> float:
 
 def fit_one(cfg: MTLTrainConfig, data, seed: int, log=print) -> tuple[MultiTaskModel, dict]:
     """Train one model on `data` (a CensusIncome-like object with train/valid/test, spec, tasks)."""
-    from tqdm.auto import tqdm
-
     device = torch.device(cfg.device)
     generator = seed_everything(seed)
     model = MultiTaskModel(cfg.model_config(data.spec, tuple(data.tasks))).to(device)
-    types = model.task_types
     weighting = UncertaintyWeighting(model.config.task_types).to(device) \
         if cfg.loss_weighting == "uncertainty" else None
     weights_T = torch.tensor(cfg.task_weights or [1.0] * len(data.tasks), device=device)
     if weights_T.numel() != len(data.tasks):
         raise ValueError(f"task_weights has {weights_T.numel()} entries for tasks {list(data.tasks)}")
     params = list(model.parameters()) + (list(weighting.parameters()) if weighting is not None else [])
-    optimizer = _adam(params, cfg.lr, cfg.weight_decay)
+    optimizer = make_adam(params, cfg.lr, cfg.weight_decay)
+    combine = weighting if weighting is not None else (lambda losses_T: (weights_T * losses_T).sum())
     train, valid = data.train.to(device), data.valid.to(device)
     n = len(train)
     history, best, best_state, best_epoch, stale = [], float("-inf"), None, -1, 0
@@ -186,28 +214,11 @@ def fit_one(cfg: MTLTrainConfig, data, seed: int, log=print) -> tuple[MultiTaskM
     log(" | ".join(header))
     step, train_seconds, train_samples = 0, 0.0, 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = torch.randperm(n, generator=generator).to(device)
-        bar = tqdm(total=n, unit="row", unit_scale=True, desc=f"epoch {epoch}", leave=False,
-                   disable=not cfg.progress, mininterval=0.5)
-        loss_sum, batches, start = torch.zeros((), device=device), 0, time.perf_counter()
-        for lo in range(0, n, cfg.batch_size):
-            idx = order[lo:lo + cfg.batch_size]
-            if idx.numel() < 2:  # BatchNorm cannot train on one row
-                continue
-            out = model(train.cat_NC[idx], train.num_NF[idx])
-            losses_T = task_losses(out.logits, train.labels_NT[idx], types)
-            loss = weighting(losses_T) if weighting is not None else (weights_T * losses_T).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            batches += 1
-            step += 1
-            bar.update(idx.numel())
-        bar.close()
+        start = time.perf_counter()
+        train_loss, steps = train_epoch(model, optimizer, train, cfg.batch_size, generator, combine,
+                                        progress=cfg.progress, desc=f"epoch {epoch}")
+        step += steps
         seconds = time.perf_counter() - start
-        train_loss = (loss_sum / max(batches, 1)).item()  # one sync per epoch, not per step
         check_finite(torch.tensor(train_loss), step, cfg.out_dir or "")
         train_seconds += seconds
         train_samples += n
