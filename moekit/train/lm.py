@@ -566,3 +566,18 @@ def _save_plots(out_dir: Path, logger: RunLogger) -> None:
     plot_loss_curves({out_dir.name: logger.metrics}, out_dir / "loss_curve.png")
     if logger.load_rows:
         plot_expert_load(logger.load_rows, out_dir / "expert_load.png")
+
+
+# --- loading a trained model ----------------------------------------------------------------
+
+
+def load_trained_lm(ckpt: str, device: str = "auto") -> tuple[Transformer, LMTrainConfig, Any, Path]:
+    """(model in eval mode, its training config, its tokenizer, the checkpoint folder) from a run or step folder."""
+    from moekit.data.text import load_tokenizer
+    from moekit.train.checkpoint import read_json
+
+    ckpt_dir = find_checkpoint(ckpt)
+    config = build_dataclass(LMTrainConfig, read_json(ckpt_dir / "config.json"), f"{ckpt_dir}/config.json")
+    model = build_model(config.model, resolve_device(device))
+    load_model_weights(ckpt_dir, model)
+    return model.eval(), config, load_tokenizer(ckpt_dir), ckpt_dir
