@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=0, help="score at most this many tokens (0 = all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (evaluation itself is deterministic)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (evaluation itself\n"
+                        "is deterministic)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -385,7 +385,8 @@ class RunLogger:
             self.load_rows.append(row)
             if self.writer is not None:
                 self.writer.add_scalar(f"experts/layer{layer}_max_over_mean", row["max_over_mean"], step)
-                self.writer.add_scalar(f"experts/layer{layer}_dropped_fraction", row["dropped_fraction"], step)
+                self.writer.add_scalar(f"experts/layer{layer}_dropped_fraction", row["dropped_fraction"],
+                                       step)
 
     def flush(self) -> None:
         self._write(self.out_dir / "metrics.csv", self.metrics, METRIC_COLUMNS)
@@ -464,8 +465,9 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
         tensors = {"rng.torch": torch.get_rng_state(), "rng.data": generator.get_state()}
         if device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        state = {"tokens": tokens, "schedule": {"lr": config.lr, "warmup_steps": config.warmup_steps,
-                                                 "total_steps": total_steps, "min_lr_ratio": config.min_lr_ratio},
+        schedule = {"lr": config.lr, "warmup_steps": config.warmup_steps, "total_steps": total_steps,
+                    "min_lr_ratio": config.min_lr_ratio}
+        state = {"tokens": tokens, "schedule": schedule,
                  "data_position": "rng.data holds the window sampler's state after this step"}
         last_ckpt[0] = str(save_checkpoint(ckpt_root, step, model, optimizer, state, tensors,
                                            {"config.json": config_json, "tokenizer.json": tokenizer_bytes},
@@ -551,7 +553,8 @@ def _check_same_config(path: Path, config_json: dict) -> None:
                  for k in set(saved.get(section, {})) | set(config_json[section])
                  if saved.get(section, {}).get(k) != config_json[section].get(k)]
     if differing:
-        raise ValueError(f"cannot resume from {path.parent}: its config differs in {', '.join(sorted(differing))}")
+        raise ValueError(f"cannot resume from {path.parent}: "
+                         f"its config differs in {', '.join(sorted(differing))}")
 
 
 def _progress(enabled: bool, initial: int, total: int):
@@ -572,7 +575,7 @@ def _save_plots(out_dir: Path, logger: RunLogger) -> None:
 
 
 def load_trained_lm(ckpt: str, device: str = "auto") -> tuple[Transformer, LMTrainConfig, Any, Path]:
-    """(model in eval mode, its training config, its tokenizer, the checkpoint folder) from a run or step folder."""
+    """(model in eval mode, training config, tokenizer, checkpoint folder) from a run or step folder."""
     from moekit.data.text import load_tokenizer
     from moekit.train.checkpoint import read_json
 

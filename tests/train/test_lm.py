@@ -45,7 +45,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, text_file):
     train_lm(split_cfg, stop_at_step=3)
     resumed = train_lm(split_cfg, resume=True)
 
-    full_rows, split_rows = read_rows(tmp_path / "full/metrics.csv"), read_rows(tmp_path / "split/metrics.csv")
+    full_rows = read_rows(tmp_path / "full/metrics.csv")
+    split_rows = read_rows(tmp_path / "split/metrics.csv")
     assert [r["step"] for r in split_rows] == [str(s) for s in range(1, 7)]
     for a, b in zip(full_rows, split_rows, strict=True):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "val_loss", "lr", "tokens"):
@@ -67,7 +68,8 @@ def test_checkpoint_round_trip(tmp_path):
     optimizer.step()
     rng = {"rng.torch": torch.get_rng_state()}
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model, optimizer, {"tokens": 7 * step}, rng, {"config.json": {"a": 1}})
+        files = {"config.json": {"a": 1}}
+        save_checkpoint(tmp_path, step, model, optimizer, {"tokens": 7 * step}, rng, files)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000002", "step_0000003"]  # keep=2
     ckpt = find_checkpoint(tmp_path)
     assert ckpt.name == "step_0000003"
@@ -129,7 +131,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, 
 
     monkeypatch.setattr(lm, "build_model", build_poisoned)
     cfg = tiny_config(text_file, tmp_path / "run")
-    with pytest.raises(NonFiniteLossError, match=r"at step 4; the last good checkpoint is kept at .*step_0000002"):
+    kept = r"at step 4; the last good checkpoint is kept at .*step_0+2"
+    with pytest.raises(NonFiniteLossError, match=kept):
         train_lm(cfg)
     ckpt = find_checkpoint(tmp_path / "run")
     assert ckpt.name == "step_0000002"
