@@ -2,7 +2,7 @@
 
 Reads top to bottom like nanoGPT: RMSNorm -> rotary embedding -> CausalSelfAttention -> Block ->
 TransformerConfig -> Transformer. The model knows nothing of optimizers, schedules or
-torch.distributed: those live in `moekit.train` and `moekit.distributed`.
+process groups: those live in `moekit.train` and `moekit.distributed`.
 
 Shape suffixes: B sequences, T positions (S: positions in the KV cache), D d_model, H heads,
 G key/value heads, Q head dim, V vocabulary, E experts.

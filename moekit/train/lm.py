@@ -2,8 +2,8 @@
 
 The pieces are separate functions so a distributed wrapper can slot in between them:
 `build_data` -> `build_model` -> (`parallelize`, e.g. expert parallelism) -> `build_optimizer` ->
-`train_step` in a loop, with `evaluate` and checkpoints around it. Nothing here imports
-torch.distributed.
+`train_step` in a loop, with `evaluate` and checkpoints around it. Nothing here touches process
+groups: `moekit.distributed` adds them through `parallelize`.
 """
 
 from __future__ import annotations
