@@ -258,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
         for w in workloads:
             for dtype_name in args.dtypes:
                 progress.set_postfix_str(f"{w.name} {dtype_name}")
-                rows.extend(bench_workload(w, dtype_name, args, progress))
+                block = bench_workload(w, dtype_name, args, progress)
+                progress.write(format_table(block))  # as each block finishes: long runs show progress
+                rows.extend(block)
+    print("\nAll results:")
     print(format_table(rows))
     for w in workloads:
         print(f"{w.name}: d_model {w.d_model}, d_ff {w.d_ff}, E {w.num_experts}, top-{w.top_k}, "
