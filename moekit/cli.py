@@ -17,6 +17,9 @@ from collections.abc import Sequence
 COMMANDS: dict[tuple[str, ...], str] = {
     ("info",): "moekit.commands.info",
     ("bench", "layer"): "moekit.commands.bench_layer",
+    ("train", "lm"): "moekit.commands.train_lm",
+    ("eval", "lm"): "moekit.commands.eval_lm",
+    ("generate",): "moekit.commands.generate",
 }
 
 # Group help for commands that only hold subcommands.
