@@ -20,6 +20,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("train", "lm"): "moekit.commands.train_lm",
     ("eval", "lm"): "moekit.commands.eval_lm",
     ("generate",): "moekit.commands.generate",
+    ("train", "mtl"): "moekit.commands.train_mtl",
 }
 
 # Group help for commands that only hold subcommands.
