@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 # (command words) -> module implementing it. Add a line here to add a subcommand.
 COMMANDS: dict[tuple[str, ...], str] = {
+    ("demo",): "moekit.commands.demo",
     ("info",): "moekit.commands.info",
     ("bench", "layer"): "moekit.commands.bench_layer",
     ("train", "lm"): "moekit.commands.train_lm",
