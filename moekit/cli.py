@@ -16,6 +16,8 @@ from collections.abc import Sequence
 # (command words) -> module implementing it. Add a line here to add a subcommand.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("info",): "moekit.commands.info",
+    ("checkpoint", "merge"): "moekit.commands.checkpoint_merge",
+    ("checkpoint", "reshard"): "moekit.commands.checkpoint_reshard",
     # ("bench", "layer"): "moekit.commands.bench_layer",
 }
 
@@ -24,6 +26,7 @@ GROUP_HELP = {
     "bench": "measure moekit against its competitors",
     "train": "train a model",
     "eval": "evaluate a trained model",
+    "checkpoint": "merge or re-shard expert-parallel checkpoints",
 }
 
 # glibc hands large freed buffers back to the OS after every call unless these are raised; for
