@@ -12,6 +12,7 @@ from moekit.distributed.expert_parallel import (
     ExpertParallelGroups,
     all_to_all,
     attach_expert_bias_updates,
+    data_parallel,
     expert_parameter_names,
     init_expert_parallel,
     parallelize_experts,
@@ -20,7 +21,7 @@ from moekit.distributed.expert_parallel import (
 )
 
 __all__ = [
-    "AllToAllDispatcher", "ExpertParallelGroups", "all_to_all", "attach_expert_bias_updates",
+    "AllToAllDispatcher", "ExpertParallelGroups", "all_to_all", "attach_expert_bias_updates", "data_parallel",
     "expert_parameter_names", "init_expert_parallel", "parallelize_experts", "sync_gradients",
     "update_expert_biases",
 ]

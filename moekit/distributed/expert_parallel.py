@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
 
 from moekit.layers.dispatch import capacity_keep_mask, combine_token_choice, sort_by_expert
 from moekit.layers.experts import GroupedExperts
@@ -346,30 +347,46 @@ def _all_reduce_flat(tensors: list[Tensor], group, scale: float) -> None:
 
 
 @torch.no_grad()
-def sync_gradients(model: nn.Module, groups: ExpertParallelGroups) -> None:
+def sync_gradients(model: nn.Module, groups: ExpertParallelGroups, dense: bool = True) -> None:
     """Data-parallel gradient reduction for an expert-parallel model; call between backward and step.
 
     Dense parameters are replicated everywhere: mean over all ranks. Expert shards already hold the
     gradient of every rank of their expert-parallel group (the all-to-all backward brought it):
     sum over the replicas of the same shard and divide by the world size, so both kinds end up with
-    the gradient of the mean of all ranks' losses. One flat all-reduce per kind.
+    the gradient of the mean of all ranks' losses. One flat all-reduce per kind. `dense=False`
+    leaves the dense gradients to DDP (see `data_parallel`).
     """
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     expert_names = set(expert_parameter_names(model))
-    dense, expert = [], []
+    dense_grads, expert = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if param.grad is None:  # unused on this rank: every rank must reduce the same tensors
             param.grad = torch.zeros_like(param)
-        (expert if name in expert_names else dense).append(param.grad)
+        (expert if name in expert_names else dense_grads).append(param.grad)
     scale = 1.0 / groups.world_size
-    if groups.world_size > 1:
-        _all_reduce_flat(dense, None, scale)
+    if groups.world_size > 1 and dense:
+        _all_reduce_flat(dense_grads, None, scale)
     if groups.num_replicas > 1:
         _all_reduce_flat(expert, groups.replica_group, scale)
     elif groups.world_size > 1:
         for grad in expert:
             grad.mul_(scale)
+
+
+def data_parallel(model: nn.Module, groups: ExpertParallelGroups, **ddp_kwargs) -> DistributedDataParallel:
+    """Wrap an expert-parallel model in torch DDP for its dense parameters.
+
+    DDP averages the dense gradients over all ranks while backward runs; the expert shards are
+    hidden from it (it would average them across different shards) and still need
+    `sync_gradients(ddp_model, groups, dense=False)` before the optimizer step.
+    """
+    names = expert_parameter_names(model)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    ddp_kwargs.setdefault("broadcast_buffers", False)  # expert biases and loads are already in sync
+    return DistributedDataParallel(model, **ddp_kwargs)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from torch import nn
 from moekit import MoE, MoEConfig
 from moekit.distributed import (
     attach_expert_bias_updates,
+    data_parallel,
     init_expert_parallel,
     parallelize_experts,
     sync_gradients,
@@ -89,12 +90,12 @@ def _train_single() -> tuple[list[float], TinyMoELM, dict]:
     return losses, model, snapshot
 
 
-def _ep_step(model, opt, groups, idx, tgt, rank) -> float:
+def _ep_step(model, opt, groups, idx, tgt, rank, ddp: bool = False) -> float:
     rows = slice(rank * BATCH // P, (rank + 1) * BATCH // P)
     loss = model(idx[rows], tgt[rows])
     opt.zero_grad()
     loss.backward()
-    sync_gradients(model, groups)
+    sync_gradients(model, groups, dense=not ddp)  # with DDP: only the expert shards
     opt.step()
     mean = loss.detach().clone()
     dist.all_reduce(mean)
@@ -124,8 +125,15 @@ def _worker(rank: int, world: int, folder: str) -> None:
     extra = load_checkpoint(folder / "ckpt", resumed, groups, opt2)
     resumed_losses = [_ep_step(resumed, opt2, groups, idx, tgt, rank)
                       for idx, tgt in _batches()[extra["step"]:]]
+
+    # The same run with torch DDP averaging the dense gradients during backward.
+    model = data_parallel(parallelize_experts(_build(), groups), groups)
+    opt3 = torch.optim.Adam(model.parameters(), lr=3e-2)
+    attach_expert_bias_updates(model.module, opt3, groups)
+    ddp_losses = [_ep_step(model, opt3, groups, idx, tgt, rank, ddp=True) for idx, tgt in _batches()]
     torch.save({"losses": losses, "final": final, "resumed_losses": resumed_losses,
-                "resumed_final": resumed.state_dict()}, folder / f"rank{rank}.pt")
+                "resumed_final": resumed.state_dict(), "ddp_losses": ddp_losses,
+                "ddp_final": model.module.state_dict()}, folder / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +162,14 @@ def test_training_matches_single_process(run) -> None:
         expected = shard_state_dict(ref_state, _expert_keys(ref_state), rank, P)
         for key, value in expected.items():
             _close(result["final"][key], value, f"rank {rank} {key}")
+
+
+def test_ddp_for_dense_parameters_gives_the_same_run(run) -> None:
+    _, results = run
+    for rank, result in enumerate(results):
+        _close(torch.tensor(result["ddp_losses"]), torch.tensor(result["losses"]), f"rank {rank} DDP losses")
+        for key, value in result["final"].items():
+            _close(result["ddp_final"][key], value, f"rank {rank} DDP {key}")
 
 
 def test_resume_from_checkpoint_continues_the_run(run) -> None:
