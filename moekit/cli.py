@@ -16,6 +16,9 @@ from collections.abc import Sequence
 # (command words) -> module implementing it. Add a line here to add a subcommand.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("info",): "moekit.commands.info",
+    ("train", "lm"): "moekit.commands.train_lm",
+    ("eval", "lm"): "moekit.commands.eval_lm",
+    ("generate",): "moekit.commands.generate",
     ("checkpoint", "merge"): "moekit.commands.checkpoint_merge",
     ("checkpoint", "reshard"): "moekit.commands.checkpoint_reshard",
     # ("bench", "layer"): "moekit.commands.bench_layer",
