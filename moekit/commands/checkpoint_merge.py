@@ -9,7 +9,8 @@ HELP = "merge an expert-parallel checkpoint's per-rank expert shards into one si
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="expert-parallel checkpoint folder")
-    parser.add_argument("--output", required=True, help="safetensors file to write")
+    parser.add_argument("--output", required=True,
+                        help="a .safetensors file, or a folder for model.safetensors + config + tokenizer")
     parser.add_argument("--seed", type=int, default=0, help="unused (deterministic); accepted for uniformity")
 
 

@@ -8,6 +8,7 @@ A checkpoint folder:
     experts-00000-of-00002.safetensors  rank 0's slice [0, E/P) of every expert tensor (dim 0)
     experts-00001-of-00002.safetensors  ...
     optimizer-ep00000.pt (optional)   each expert-parallel rank's optimizer state (same P only)
+    trainer.safetensors (optional)    trainer tensors such as RNG states
 
 Only the first replica of each shard writes, so data-parallel copies do not race on one file.
 Every file is written atomically (moekit.train.io).
@@ -27,7 +28,7 @@ from moekit.distributed.expert_parallel import ExpertParallelGroups, expert_para
 from moekit.train.io import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
 
 FORMAT = "moekit-expert-parallel/1"
-LAYOUT, DENSE = "layout.json", "dense.safetensors"
+LAYOUT, DENSE, TRAINER = "layout.json", "dense.safetensors", "trainer.safetensors"
 
 
 def shard_file(ep_rank: int, ep_size: int) -> str:
@@ -50,8 +51,13 @@ def _expert_sizes(model: nn.Module) -> dict[str, int]:
 
 
 def save_checkpoint(folder: str | Path, model: nn.Module, groups: ExpertParallelGroups,
-                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> Path:
-    """Save an expert-parallel model (collective: call on every rank). `extra` goes in layout.json."""
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
+                    tensors: dict[str, Tensor] | None = None) -> Path:
+    """Save an expert-parallel model (collective: call on every rank).
+
+    `extra` (JSON) goes in layout.json and `tensors` (e.g. RNG states) in trainer.safetensors,
+    both written by global rank 0.
+    """
     folder = Path(folder)
     state = model.state_dict()
     sizes = _expert_sizes(model)
@@ -64,7 +70,10 @@ def save_checkpoint(folder: str | Path, model: nn.Module, groups: ExpertParallel
             torch.save(optimizer.state_dict(), buffer)
             atomic_write_bytes(folder / optimizer_file(groups.ep_rank), buffer.getvalue())
     if groups.rank == 0:
-        save_tensors(folder / DENSE, {k: v for k, v in state.items() if k not in sizes})
+        # clone(): safetensors refuses tensors sharing memory (tied embeddings).
+        save_tensors(folder / DENSE, {k: v.clone() for k, v in state.items() if k not in sizes})
+        if tensors:
+            save_tensors(folder / TRAINER, tensors)
         _write_layout(folder, groups.ep_size, sizes, extra)
     if dist.is_initialized():
         dist.barrier()
@@ -156,8 +165,20 @@ def merge_checkpoint(folder: str | Path) -> dict[str, Tensor]:
 
 
 def save_merged(folder: str | Path, output: str | Path) -> Path:
-    """Write the single-device checkpoint of `folder` to one safetensors file."""
-    return save_tensors(output, merge_checkpoint(folder), {"format": "moekit-state-dict"})
+    """Write the single-device checkpoint of `folder` to one safetensors file.
+
+    An `output` without the .safetensors suffix is a folder: it gets model.safetensors plus the
+    checkpoint's config.json and tokenizer.json, if any (what `moekit eval lm` reads).
+    """
+    folder, output = Path(folder), Path(output)
+    state = {k: v.clone() for k, v in merge_checkpoint(folder).items()}
+    if output.suffix == ".safetensors":
+        return save_tensors(output, state, {"format": "moekit-state-dict"})
+    save_tensors(output / "model.safetensors", state, {"format": "moekit-state-dict"})
+    for name in ("config.json", "tokenizer.json"):
+        if (folder / name).is_file():
+            atomic_write_bytes(output / name, (folder / name).read_bytes())
+    return output
 
 
 def shard_state_dict(state: dict[str, Tensor], expert_keys: dict[str, int] | list[str], ep_rank: int,
@@ -185,7 +206,7 @@ def reshard_checkpoint(folder: str | Path, output: str | Path, expert_parallel: 
         shard = shard_state_dict({k: state[k] for k in experts}, experts, r, expert_parallel)
         metadata = {"expert_parallel": str(expert_parallel), "ep_rank": str(r)}
         save_tensors(output / shard_file(r, expert_parallel), shard, metadata)
-    save_tensors(output / DENSE, {k: v for k, v in state.items() if k not in experts})
+    save_tensors(output / DENSE, {k: v.clone() for k, v in state.items() if k not in experts})
     extra = dict(layout.get("extra", {}), resharded_from=layout["expert_parallel"])
     _write_layout(output, expert_parallel, experts, extra)
     return output
