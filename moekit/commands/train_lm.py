@@ -33,10 +33,16 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"out_dir={args.out_dir}")
     config = load_lm_config(args.config, overrides)
     if args.expert_parallel is not None:
+        import torch.distributed as dist
+
         from moekit.distributed.lm import train_lm_expert_parallel
 
-        results = train_lm_expert_parallel(config, args.expert_parallel, resume=args.resume,
-                                           stop_at_step=args.stop_at_step)
+        try:
+            results = train_lm_expert_parallel(config, args.expert_parallel, resume=args.resume,
+                                               stop_at_step=args.stop_at_step)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
         if int(os.environ.get("RANK", 0)) != 0:
             return 0
     else:

@@ -158,7 +158,9 @@ def train_lm_expert_parallel(config: LMTrainConfig, expert_parallel: int, *, res
     if data.tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"the {data.tokenizer.kind} tokenizer has {data.tokenizer.vocab_size} ids but "
                          f"model.vocab_size={config.model.vocab_size}; set model.vocab_size to at least that")
-    model = parallelize_experts(build_model(config.model, device), groups)
+    model = build_model(config.model, device)
+    params = model.num_parameters()  # of the whole model, before its experts are sharded
+    model = parallelize_experts(model, groups)
     optimizer = build_optimizer(model, config)
     attach_expert_bias_updates(model, optimizer, groups)
     autocast = lambda: autocast_context(device, config.dtype)  # noqa: E731
@@ -234,7 +236,8 @@ def train_lm_expert_parallel(config: LMTrainConfig, expert_parallel: int, *, res
                 # Every rank evaluates the same windows (the experts need all ranks in the forward).
                 val_loss, _ = evaluate(model, data, config.model.block_size, config.batch_size,
                                        config.eval_tokens, autocast)
-                bar.write(f"step {step}: train loss {result.lm_loss:.4f}, val loss {val_loss:.4f}")
+                if lead:
+                    bar.write(f"step {step}: train loss {result.lm_loss:.4f}, val loss {val_loss:.4f}")
             if lead and (step % config.log_interval == 0 or val_loss is not None or step == end_step):
                 logger.log({"step": step, "tokens": tokens, "lr": lr, "loss": result.loss,
                             "lm_loss": result.lm_loss, "aux_loss": result.aux_loss,
@@ -253,14 +256,12 @@ def train_lm_expert_parallel(config: LMTrainConfig, expert_parallel: int, *, res
 
     final_loss, scored = evaluate(model, data, config.model.block_size, config.batch_size,
                                   config.final_eval_tokens, autocast)
-    dense = sum(p.numel() for n, p in model.named_parameters() if n not in set(expert_parameter_names(model)))
     results = LMResults(
         out_dir=str(out_dir), steps=step, tokens=tokens, val_loss=final_loss,
         val_bits_per_byte=bits_per_byte(final_loss, scored, data),
         train_tokens_per_s=session_tokens / max(train_seconds, 1e-9),
         peak_memory_mb=peak_memory_mb(device),
-        parameters={"dense (per rank)": dense,
-                    "experts (per rank)": sum(p.numel() for n, p in model.named_parameters()) - dense},
+        parameters=params,
         train_seconds=train_seconds, history=logger.metrics if logger else [],
     )
     if lead:
