@@ -26,6 +26,7 @@ Equivalence with one device holding the group's tokens concatenated in rank orde
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -101,21 +102,26 @@ def init_expert_parallel(ep_size: int) -> ExpertParallelGroups:
 # Differentiable collectives
 
 
+def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group, meter) -> Tensor:
+    start = time.perf_counter()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    if meter is not None:  # wall time, including waiting for the slowest rank
+        meter.comm_seconds += time.perf_counter() - start
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single along dim 0; the backward sends the gradients back the way they came."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group, meter) -> Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.meter = out_splits, in_splits, group, meter
+        return _exchange(x, out_splits, in_splits, group, meter)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return out, None, None, None
+        return _exchange(grad, ctx.in_splits, ctx.out_splits, ctx.group, ctx.meter), None, None, None, None
 
 
 def _all_gather(x_N: Tensor, group, size: int) -> Tensor:
@@ -125,9 +131,12 @@ def _all_gather(x_N: Tensor, group, size: int) -> Tensor:
     return out.view(size, -1)
 
 
-def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-    """Send rows in_splits[i] of x to rank i; receive out_splits[i] rows from rank i (differentiable)."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group, meter=None) -> Tensor:
+    """Send rows in_splits[i] of x to rank i; receive out_splits[i] rows from rank i (differentiable).
+
+    `meter`, if given, gets the seconds spent, forward and backward, added to its `comm_seconds`.
+    """
+    return _AllToAll.apply(x, out_splits, in_splits, group, meter)
 
 
 class _GroupSum(torch.autograd.Function):
@@ -157,8 +166,9 @@ class _GroupSum(torch.autograd.Function):
 class AllToAllDispatcher:
     """Runs a token-choice `MoE`'s routed experts across an expert-parallel group.
 
-    Counts the traffic it causes in `bytes_sent` (all payload handed to all_to_all, both ways)
-    and `bytes_sent_remote` (the part that leaves this rank), for the benchmark.
+    Meters its traffic for benchmarks: `bytes_sent` (the forward payload handed to all_to_all:
+    tokens out, results back, and routing weights under a capacity), `bytes_sent_remote` (the part
+    that leaves this rank) and `comm_seconds` (time in all_to_all, forward and backward).
     """
 
     def __init__(self, groups: ExpertParallelGroups, num_experts: int) -> None:
@@ -168,6 +178,7 @@ class AllToAllDispatcher:
         self.first_expert = self.rank * self.num_local
         self.bytes_sent = 0
         self.bytes_sent_remote = 0
+        self.comm_seconds = 0.0
 
     def _count(self, x: Tensor, splits: list[int]) -> None:
         row = math.prod(x.shape[1:]) * x.element_size()
@@ -192,7 +203,7 @@ class AllToAllDispatcher:
         dispatch = sort_by_expert(ids_TK, None, E)
         x_AD = x_TD.index_select(0, dispatch.token_P)
         self._count(x_AD, send_splits)
-        x_ND = all_to_all(x_AD, recv_splits, send_splits, self.group)
+        x_ND = all_to_all(x_AD, recv_splits, send_splits, self.group, self)
         # Received rows come by source rank, then local expert, then token order.
         expert_N = torch.repeat_interleave(torch.arange(L, device=device).repeat(P), recv_PL.reshape(-1))
 
@@ -203,7 +214,8 @@ class AllToAllDispatcher:
             w_A = torch.empty_like(weights_TK.reshape(-1)).index_put_(
                 (dispatch.row_A,), weights_TK.detach().reshape(-1)
             )
-            w_N = all_to_all(w_A, recv_splits, send_splits, self.group)
+            self._count(w_A, send_splits)
+            w_N = all_to_all(w_A, recv_splits, send_splits, self.group, self)
             kept_N = capacity_keep_mask(w_N.unsqueeze(1), expert_N.unsqueeze(1), L, capacity).squeeze(1)
 
         # Local grouped compute, with the same kernel and padding as on one device.
@@ -215,7 +227,7 @@ class AllToAllDispatcher:
             y_ND = torch.where(kept_N.unsqueeze(1), y_ND, y_ND.new_zeros(()))
 
         self._count(y_ND, recv_splits)
-        y_AD = all_to_all(y_ND, send_splits, recv_splits, self.group)
+        y_AD = all_to_all(y_ND, send_splits, recv_splits, self.group, self)
         out_TD = combine_token_choice(y_AD, dispatch, weights_TK)
 
         if kept_N is None:
@@ -237,18 +249,19 @@ class AllToAllDispatcher:
             return {}
 
         # Sums, not means, so they add over ranks; float64 keeps the counts exact.
-        parts = [probs_TE.sum(0), torch.bincount(ids_TK.reshape(-1), minlength=E).to(probs_TE.dtype),
-                 probs_TE.new_tensor([T, num_seqs])]
+        f64 = torch.float64
+        parts = [probs_TE.sum(0).to(f64), torch.bincount(ids_TK.reshape(-1), minlength=E).to(f64),
+                 torch.tensor([T, num_seqs], dtype=f64, device=probs_TE.device)]
         if cfg.z_loss_coef > 0:
-            parts.append(torch.logsumexp(logits_TE, dim=-1).square().sum().unsqueeze(0))
+            parts.append(torch.logsumexp(logits_TE, dim=-1).square().sum().to(f64).unsqueeze(0))
         if per_seq:
             if num_seqs > 0:
                 counts_BE = expert_counts_per_group(ids_TK, E, num_seqs)
                 seq_sum = load_balancing_loss(probs_TE, counts_BE) * num_seqs
             else:
                 seq_sum = probs_TE.sum() * 0  # keeps the graph the same on a rank without tokens
-            parts.append(seq_sum.unsqueeze(0))
-        sums = _GroupSum.apply(torch.cat(parts).double(), self.group, self.size).to(probs_TE.dtype)
+            parts.append(seq_sum.to(f64).unsqueeze(0))
+        sums = _GroupSum.apply(torch.cat(parts), self.group, self.size).to(probs_TE.dtype)
 
         probs_sum_E, counts_E = sums[:E], sums[E:2 * E]
         num_tokens, total_seqs, rest = sums[2 * E], sums[2 * E + 1], sums[2 * E + 2:]
