@@ -31,10 +31,14 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, backend: str, th
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world_size: int, *args, backend: str = "gloo", threads: int | None = None) -> None:
+def spawn(fn: Callable, world_size: int, *args, backend: str = "gloo", threads: int | None = None,
+          start_method: str = "spawn") -> None:
     """Run `fn(rank, world_size, *args)` in `world_size` processes; `fn` must be importable (top level).
 
     `threads` sets torch's intra-op threads per process (default: the CPU cores shared evenly).
+    `start_method="fork"` skips re-importing torch in every child (seconds each on a small
+    machine); it is safe for CPU work when the children run one intra-op thread, not with CUDA.
     """
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    mp.spawn(_entry, args=(fn, world_size, free_port(), backend, threads, args), nprocs=world_size, join=True)
+    mp.start_processes(_entry, args=(fn, world_size, free_port(), backend, threads, args), nprocs=world_size,
+                       join=True, start_method=start_method)

@@ -108,7 +108,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def ep_results(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("ep")
-    spawn(_worker, P, str(folder), threads=1)
+    spawn(_worker, P, str(folder), threads=1, start_method="fork")
     return [torch.load(folder / f"rank{r}.pt") for r in range(P)]
 
 

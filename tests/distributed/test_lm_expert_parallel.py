@@ -56,7 +56,7 @@ def runs(tmp_path_factory) -> Path:
     rng = random.Random(0)
     words = ["to", "be", "or", "not", "the", "king", "shall", "die", "love", "night", "and", "we"]
     (folder / "text.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)))
-    spawn(_worker, 2, str(folder), threads=1)
+    spawn(_worker, 2, str(folder), threads=1, start_method="fork")
     train_lm(_config(folder / "text.txt", folder / "single"))
     return folder
 

@@ -139,7 +139,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, list[dict]]:
     folder = tmp_path_factory.mktemp("ep_train")
-    spawn(_worker, P, str(folder), threads=1)
+    spawn(_worker, P, str(folder), threads=1, start_method="fork")
     return folder, [torch.load(folder / f"rank{r}.pt") for r in range(P)]
 
 
