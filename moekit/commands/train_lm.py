@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="override config keys, e.g. model.n_layer=6 lr=1e-3 model.moe.top_k=1")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in out_dir (same loss curve as an uninterrupted run)")
+                        help="continue from the latest checkpoint in out_dir\n"
+                             "(same loss curve as an uninterrupted run)")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config's)")
     parser.add_argument("--out-dir", help="run folder (overrides the config's out_dir)")
     parser.add_argument("--stop-at-step", type=int, help="save and stop after this step (resume later)")

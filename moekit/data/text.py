@@ -51,7 +51,8 @@ class BPETokenizer:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
@@ -131,7 +132,8 @@ class TokenData:
         """Random contiguous windows: x (B, T) and y = x shifted by one, both int64."""
         ids = self.train if split == "train" else self.val
         if len(ids) <= block_size:
-            raise ValueError(f"{split} split has {len(ids)} tokens, fewer than block_size + 1 = {block_size + 1}")
+            raise ValueError(f"{split} split has {len(ids)} tokens, "
+                             f"fewer than block_size + 1 = {block_size + 1}")
         starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).tolist()
         window = np.stack([ids[s:s + block_size + 1] for s in starts]).astype(np.int64)
         xy = torch.from_numpy(window)
@@ -144,10 +146,11 @@ class TokenData:
         if max_tokens:
             n = min(n, max(1, max_tokens // block_size))
         if n == 0:
-            raise ValueError(f"{split} split has {len(ids)} tokens, fewer than block_size + 1 = {block_size + 1}")
+            raise ValueError(f"{split} split has {len(ids)} tokens, "
+                             f"fewer than block_size + 1 = {block_size + 1}")
         for first in range(0, n, batch_size):
             rows = range(first, min(first + batch_size, n))
-            window = np.stack([ids[r * block_size:r * block_size + block_size + 1] for r in rows]).astype(np.int64)
+            window = np.stack([ids[r * block_size:(r + 1) * block_size + 1] for r in rows]).astype(np.int64)
             xy = torch.from_numpy(window)
             yield xy[:, :-1], xy[:, 1:]
 

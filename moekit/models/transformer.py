@@ -131,7 +131,8 @@ class Block(nn.Module):
         if self.is_moe:
             self.ffn: nn.Module = MoE(config.moe)
         else:
-            self.ffn = FeedForward(config.d_model, config.d_ff, config.ffn_type, config.activation, config.bias)
+            self.ffn = FeedForward(config.d_model, config.d_ff, config.ffn_type, config.activation,
+                                   config.bias)
         self.dropout = config.dropout
 
     def forward(self, x_BTD: Tensor, cos_TQ: Tensor, sin_TQ: Tensor,
@@ -186,14 +187,17 @@ class TransformerConfig:
         if self.d_ff is None:
             gated = self.ffn_type in ("swiglu", "geglu")
             self.d_ff = 8 * round(4 * self.d_model * 2 / 3 / 8) if gated else 4 * self.d_model
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "moe_every"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
+                     "moe_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model must be divisible by n_head (got d_model={self.d_model}, n_head={self.n_head})")
+            raise ValueError(f"d_model must be divisible by n_head "
+                             f"(got d_model={self.d_model}, n_head={self.n_head})")
         if (self.d_model // self.n_head) % 2:
-            raise ValueError(f"head dim d_model/n_head must be even for RoPE (got {self.d_model // self.n_head})")
+            raise ValueError(f"head dim d_model/n_head must be even for RoPE "
+                             f"(got {self.d_model // self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head must be divisible by n_kv_head (got n_head={self.n_head}, "
                              f"n_kv_head={self.n_kv_head})")
@@ -202,7 +206,8 @@ class TransformerConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1) (got {self.dropout})")
         if not 0 <= self.first_dense_layers <= self.n_layer:
-            raise ValueError(f"first_dense_layers must be in 0..n_layer={self.n_layer} (got {self.first_dense_layers})")
+            raise ValueError(f"first_dense_layers must be in 0..n_layer={self.n_layer} "
+                             f"(got {self.first_dense_layers})")
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
 
@@ -307,7 +312,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         start = cache[0].length if cache else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+            raise ValueError(f"sequence of {start + T} tokens is longer than "
+                             f"block_size={self.config.block_size}")
         cos_TQ, sin_TQ = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
         x_BTD = F.dropout(self.tok_emb(idx), self.config.dropout, self.training)
@@ -323,9 +329,11 @@ class Transformer(nn.Module):
         lm_loss = loss = None
         if targets is not None:
             if targets.shape != idx.shape:
-                raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+                raise ValueError(f"targets shape {tuple(targets.shape)} must equal "
+                                 f"idx shape {tuple(idx.shape)}")
             # Cross-entropy in float32: bf16 logits lose the small probabilities the loss averages.
-            lm_loss = F.cross_entropy(logits_BTV.float().view(B * T, -1), targets.reshape(-1), ignore_index=-1)
+            lm_loss = F.cross_entropy(logits_BTV.float().view(B * T, -1), targets.reshape(-1),
+                                      ignore_index=-1)
             loss = lm_loss + aux_loss
         return logits_BTV, TransformerOutput(loss, lm_loss, aux_loss, counts, dropped)
 

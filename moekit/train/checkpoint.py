@@ -123,7 +123,8 @@ def load_model_weights(ckpt_dir: str | os.PathLike, model: nn.Module) -> None:
 
 
 def load_trainer_state(ckpt_dir: str | os.PathLike,
-                       optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+                       optimizer: torch.optim.Optimizer | None = None,
+                       ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read trainer_state.{json,safetensors}; load the optimizer if given. Returns (state, other tensors)."""
     ckpt_dir = Path(ckpt_dir)
     state = read_json(ckpt_dir / "trainer_state.json")

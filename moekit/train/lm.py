@@ -385,7 +385,8 @@ class RunLogger:
             self.load_rows.append(row)
             if self.writer is not None:
                 self.writer.add_scalar(f"experts/layer{layer}_max_over_mean", row["max_over_mean"], step)
-                self.writer.add_scalar(f"experts/layer{layer}_dropped_fraction", row["dropped_fraction"], step)
+                self.writer.add_scalar(f"experts/layer{layer}_dropped_fraction", row["dropped_fraction"],
+                                       step)
 
     def flush(self) -> None:
         self._write(self.out_dir / "metrics.csv", self.metrics, METRIC_COLUMNS)
@@ -464,8 +465,9 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
         tensors = {"rng.torch": torch.get_rng_state(), "rng.data": generator.get_state()}
         if device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        state = {"tokens": tokens, "schedule": {"lr": config.lr, "warmup_steps": config.warmup_steps,
-                                                 "total_steps": total_steps, "min_lr_ratio": config.min_lr_ratio},
+        schedule = {"lr": config.lr, "warmup_steps": config.warmup_steps, "total_steps": total_steps,
+                    "min_lr_ratio": config.min_lr_ratio}
+        state = {"tokens": tokens, "schedule": schedule,
                  "data_position": "rng.data holds the window sampler's state after this step"}
         last_ckpt[0] = str(save_checkpoint(ckpt_root, step, model, optimizer, state, tensors,
                                            {"config.json": config_json, "tokenizer.json": tokenizer_bytes},
@@ -551,7 +553,8 @@ def _check_same_config(path: Path, config_json: dict) -> None:
                  for k in set(saved.get(section, {})) | set(config_json[section])
                  if saved.get(section, {}).get(k) != config_json[section].get(k)]
     if differing:
-        raise ValueError(f"cannot resume from {path.parent}: its config differs in {', '.join(sorted(differing))}")
+        raise ValueError(f"cannot resume from {path.parent}: "
+                         f"its config differs in {', '.join(sorted(differing))}")
 
 
 def _progress(enabled: bool, initial: int, total: int):
@@ -566,3 +569,18 @@ def _save_plots(out_dir: Path, logger: RunLogger) -> None:
     plot_loss_curves({out_dir.name: logger.metrics}, out_dir / "loss_curve.png")
     if logger.load_rows:
         plot_expert_load(logger.load_rows, out_dir / "expert_load.png")
+
+
+# --- loading a trained model ----------------------------------------------------------------
+
+
+def load_trained_lm(ckpt: str, device: str = "auto") -> tuple[Transformer, LMTrainConfig, Any, Path]:
+    """(model in eval mode, training config, tokenizer, checkpoint folder) from a run or step folder."""
+    from moekit.data.text import load_tokenizer
+    from moekit.train.checkpoint import read_json
+
+    ckpt_dir = find_checkpoint(ckpt)
+    config = build_dataclass(LMTrainConfig, read_json(ckpt_dir / "config.json"), f"{ckpt_dir}/config.json")
+    model = build_model(config.model, resolve_device(device))
+    load_model_weights(ckpt_dir, model)
+    return model.eval(), config, load_tokenizer(ckpt_dir), ckpt_dir

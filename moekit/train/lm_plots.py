@@ -63,7 +63,8 @@ def plot_expert_load(load_rows: list[dict], path: str | os.PathLike, last_fracti
     ax.set_xticks(range(num_experts))
     ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
     ax.set_xlabel("expert")
-    ax.set_title(f"share of token assignments (last {last_fraction:.0%} of steps; uniform = {1 / num_experts:.3f})")
+    ax.set_title(f"share of token assignments (last {last_fraction:.0%} of steps;\n"
+                 f"uniform = {1 / num_experts:.3f})")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return _save(fig, path, plt, atomic_write_bytes)
