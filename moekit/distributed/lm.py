@@ -165,7 +165,7 @@ def train_lm_expert_parallel(config: LMTrainConfig, expert_parallel: int, *, res
     attach_expert_bias_updates(model, optimizer, groups)
     autocast = lambda: autocast_context(device, config.dtype)  # noqa: E731
 
-    config_json = dict(config.to_dict(), expert_parallel=expert_parallel)
+    config_json = config.to_dict()  # as train_lm writes it (eval lm reads it); P is in layout.json
     tokenizer_bytes = (Path(_data_cache(config)) / "tokenizer.json").read_bytes()
     ckpt_root = out_dir / "checkpoints"
     step, tokens, resume_step = 0, 0, None

@@ -82,7 +82,7 @@ def test_resumed_run_continues_exactly(runs: Path) -> None:
         _close(resumed[key], full[key], key)
 
 
-def test_merged_checkpoint_evaluates_on_one_device(runs: Path, tmp_path: Path) -> None:
+def test_merged_checkpoint_evaluates_on_one_device(runs: Path, tmp_path: Path, capsys) -> None:
     from moekit.cli import main
     from moekit.train.checkpoint import find_checkpoint, load_model_weights
 
@@ -95,3 +95,8 @@ def test_merged_checkpoint_evaluates_on_one_device(runs: Path, tmp_path: Path) -
     loss, _ = evaluate(model, build_data(config), 16, 4, 512)
     expected = json.loads((runs / "ep" / "results.json").read_text())["val_loss"]
     _close(torch.tensor(loss), torch.tensor(expected), "merged model's validation loss")
+    # The merged folder is a checkpoint `moekit eval lm` reads as it is.
+    capsys.readouterr()
+    assert main(["eval", "lm", "--ckpt", str(tmp_path / "merged"), "--max-tokens", "512"]) == 0
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("loss"))
+    assert abs(float(printed.split()[-1]) - expected) < 1e-4, printed
