@@ -22,6 +22,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("eval", "lm"): "moekit.commands.eval_lm",
     ("generate",): "moekit.commands.generate",
     ("train", "mtl"): "moekit.commands.train_mtl",
+    ("checkpoint", "merge"): "moekit.commands.checkpoint_merge",
+    ("checkpoint", "reshard"): "moekit.commands.checkpoint_reshard",
 }
 
 # Group help for commands that only hold subcommands.
@@ -29,6 +31,7 @@ GROUP_HELP = {
     "bench": "measure moekit against its competitors",
     "train": "train a model",
     "eval": "evaluate a trained model",
+    "checkpoint": "merge or re-shard expert-parallel checkpoints",
 }
 
 # glibc hands large freed buffers back to the OS after every call unless these are raised; for
