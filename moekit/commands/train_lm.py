@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "train a (MoE) transformer language model"
 TUNE_MALLOC = True  # large short-lived activations: see moekit.cli.MALLOC_TUNABLES
@@ -18,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (overrides the config's)")
     parser.add_argument("--out-dir", help="run folder (overrides the config's out_dir)")
     parser.add_argument("--stop-at-step", type=int, help="save and stop after this step (resume later)")
+    parser.add_argument("--expert-parallel", type=int, metavar="P",
+                        help="spread each MoE layer's experts over groups of P ranks; launch with "
+                             "torchrun --nproc_per_node N (N divisible by P)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +33,21 @@ def run(args: argparse.Namespace) -> int:
     if args.out_dir is not None:
         overrides.append(f"out_dir={args.out_dir}")
     config = load_lm_config(args.config, overrides)
-    results = train_lm(config, resume=args.resume, stop_at_step=args.stop_at_step)
+    if args.expert_parallel is not None:
+        import torch.distributed as dist
+
+        from moekit.distributed.lm import train_lm_expert_parallel
+
+        try:
+            results = train_lm_expert_parallel(config, args.expert_parallel, resume=args.resume,
+                                               stop_at_step=args.stop_at_step)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        if int(os.environ.get("RANK", 0)) != 0:
+            return 0
+    else:
+        results = train_lm(config, resume=args.resume, stop_at_step=args.stop_at_step)
     params = results.parameters
     rows = [
         ("run folder", results.out_dir),
