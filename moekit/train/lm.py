@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from moekit.data.text import TokenData, prepare_text_data
-from moekit.layers.config import MoEConfig
 from moekit.models.transformer import Transformer, TransformerConfig
 from moekit.train.balancing import attach_expert_bias_updates
 from moekit.train.checkpoint import find_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
@@ -123,19 +122,6 @@ class LMResults:
     parameters: dict[str, int]
     train_seconds: float
     history: list[dict] = field(default_factory=list, repr=False)
-
-
-def demo_config(data_path: str, out_dir: str = "runs/lm/demo", moe: bool = True) -> LMTrainConfig:
-    """A byte-level model that trains in about a minute on a 2-core CPU (for a quick demo).
-
-    Two layers of width 48; with `moe`, each FFN is 4 experts of width 64, top-2 (the dense
-    variant has one FFN of width 128: the same active parameters)."""
-    model = TransformerConfig(block_size=64, n_layer=2, n_head=4, d_model=48, d_ff=128,
-                              moe=MoEConfig(d_model=48, d_ff=64, num_experts=4, top_k=2, aux_loss_coef=0.01)
-                              if moe else None)
-    return LMTrainConfig(model=model, data=LMDataConfig(path=data_path), out_dir=out_dir, batch_size=16,
-                         max_steps=200, warmup_steps=20, lr=3e-3, eval_interval=50, eval_tokens=8192,
-                         final_eval_tokens=16384, checkpoint_interval=100, tensorboard=False, threads=1)
 
 
 # --- config files ---------------------------------------------------------------------------
