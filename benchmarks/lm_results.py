@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         + ", ".join(f"{n}: `{c}`" for n, c in run_commits.items()) + ").",
         "- Validation loss: mean cross-entropy over the whole validation split (consecutive windows of the "
         "context length), after the last step. The curves' validation points use the first 16,384 "
-        "validation tokens only (a cheaper periodic check), so they sit below the final full-split numbers.",
+        "validation tokens only (a cheaper periodic check), so they differ from the final full-split numbers.",
         "",
         "## Results",
         "",
