@@ -230,3 +230,29 @@ def user_sequences(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, nu
     bounds = np.searchsorted(user[order], np.arange(num_users + 1))
     items = item[order]
     return [items[bounds[u]:bounds[u + 1]] for u in range(num_users)]
+
+
+def synthetic_movielens(num_users: int = 30, num_items: int = 40, ratings_per_user: int = 12, seed: int = 0) -> MovieLens:
+    """A small random MovieLens-shaped dataset (for tests and examples; no structure worth learning
+    except that lower item indices are rated more often and more highly)."""
+    rng = np.random.default_rng(seed)
+    if ratings_per_user > num_items:
+        raise ValueError(f"ratings_per_user={ratings_per_user} > num_items={num_items}")
+    popularity = 1.0 / np.arange(1, num_items + 1)
+    users, items, ratings, times = [], [], [], []
+    for u in range(num_users):
+        chosen = rng.choice(num_items, size=ratings_per_user, replace=False, p=popularity / popularity.sum())
+        users.append(np.full(ratings_per_user, u))
+        items.append(chosen)
+        ratings.append(np.clip(np.rint(4.5 - 2.5 * chosen / num_items + rng.normal(0, 0.7, ratings_per_user)), 1, 5))
+        times.append(rng.permutation(ratings_per_user) + 1000 * u)
+    years = rng.integers(1930, 2000, num_items)
+    return MovieLens(
+        name="synthetic", user=np.concatenate(users).astype(np.int64), item=np.concatenate(items).astype(np.int64),
+        rating=np.concatenate(ratings).astype(np.float32), timestamp=np.concatenate(times).astype(np.int64),
+        item_ids=np.arange(1, num_items + 1), titles=[f"Movie {i + 1} ({y})" for i, y in enumerate(years)],
+        years=years.astype(np.int64), genres=rng.random((num_items, len(GENRES))) < 0.2,
+        user_ids=np.arange(1, num_users + 1), gender=rng.integers(0, 2, num_users),
+        age_group=rng.integers(0, len(AGE_GROUPS), num_users), occupation=rng.integers(0, 3, num_users),
+        occupations=["a", "b", "c"],
+    )

@@ -49,7 +49,9 @@ def top_k_excluding(scores_NI: torch.Tensor, k: int, exclude_NI: torch.Tensor | 
     (e.g. a user's history). Raises if a row has fewer than k allowed items."""
     if exclude_NI is not None:
         if exclude_NI.shape != scores_NI.shape:
-            raise ValueError(f"exclude mask shape {tuple(exclude_NI.shape)} != scores shape {tuple(scores_NI.shape)}")
+            raise ValueError(
+                f"exclude mask shape {tuple(exclude_NI.shape)} != scores shape {tuple(scores_NI.shape)}"
+            )
         allowed = (~exclude_NI).sum(dim=1).min().item() if exclude_NI.numel() else scores_NI.shape[1]
         if allowed < k:
             raise ValueError(f"k={k} but a row has only {allowed} items left after exclusion")
@@ -59,11 +61,12 @@ def top_k_excluding(scores_NI: torch.Tensor, k: int, exclude_NI: torch.Tensor | 
 
 def recall_hit_at_k(topk_NK, targets, ks: Iterable[int] = (10, 20, 50, 100)) -> dict[str, float]:
     """Recall@K = |top-K ∩ targets| / |targets| and Hit@K = 1[top-K ∩ targets non-empty], averaged
-    over rows. `targets`: one item per row ((N,) array) or one collection of items per row. With a
+    over rows (rows with no target are skipped). `targets`: an (N,) array (one item per row) or a
+    sequence of N collections of items. With a
     single target per row (leave-last-out) the two coincide."""
     topk_NK = np.asarray(topk_NK)
-    if np.ndim(targets) == 1 and not isinstance(targets[0], (list, tuple, set, np.ndarray)):
-        targets = [[t] for t in np.asarray(targets).tolist()]
+    if isinstance(targets, (np.ndarray, torch.Tensor)) and targets.ndim == 1:
+        targets = [[t] for t in targets.tolist()]
     if len(targets) != len(topk_NK):
         raise ValueError(f"{len(topk_NK)} ranked lists but {len(targets)} target sets")
     out: dict[str, float] = {}

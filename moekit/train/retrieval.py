@@ -168,6 +168,8 @@ class RetrievalTrainConfig:
     """Subtract log(expected count in the sample) from each logit (Yi et al. 2019)."""
     extra_negatives: int = 0
     """Uniformly drawn catalogue items added to every batch's negatives (mixed negative sampling)."""
+    ks: tuple = KS
+    """Cut-offs of the final Recall@K / Hit@K."""
     model: dict = field(default_factory=dict)
     """TwoTowerConfig fields other than the dataset sizes (tower, dim, pooling, ...)."""
     progress: bool = True
@@ -227,7 +229,7 @@ def train_two_tower(cfg: RetrievalTrainConfig, ml: MovieLens | None = None,
         history.append({"epoch": epoch + 1, "loss": total / N})
         bar.set_postfix(loss=f"{total / N:.4f}")
     bar.close()
-    metrics = evaluate_scores(two_tower_scores(model, data), data)
+    metrics = evaluate_scores(two_tower_scores(model, data), data, tuple(cfg.ks))
     report = {"metrics": metrics, "history": history, "train_seconds": time.perf_counter() - start,
               "split": cfg.split, "num_eval_users": len(data.eval_user)}
     if cfg.out_dir:
