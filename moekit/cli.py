@@ -16,6 +16,9 @@ from collections.abc import Sequence
 # (command words) -> module implementing it. Add a line here to add a subcommand.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("info",): "moekit.commands.info",
+    ("train", "two-tower"): "moekit.commands.train_two_tower",
+    ("retrieve",): "moekit.commands.retrieve",
+    ("train", "dqn"): "moekit.commands.train_dqn",
     # ("bench", "layer"): "moekit.commands.bench_layer",
 }
 

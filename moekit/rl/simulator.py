@@ -92,6 +92,9 @@ class SimulatorConfig:
     test_user_fraction: float = 0.2
     noise_std: float = 0.0
     """Gaussian noise added to MF-predicted ratings before rounding (0: deterministic users)."""
+    num_candidates: int | None = None
+    """Restrict every session to the N most-rated movies (a candidate-generation stage, as in a
+    retrieval -> re-ranking pipeline); None: the whole catalogue."""
     mf_factors: int = 32
     mf_reg: float = 5.0
     mf_iterations: int = 10
@@ -127,6 +130,12 @@ class MovieLensSimulator:
         self.mf = RatingMF.fit(ml.user[known], ml.item[known], ml.rating[known], ml.num_users, ml.num_items,
                                c.mf_factors, c.mf_reg, c.mf_iterations, seed)
         self.item_count = np.bincount(ml.item[known], minlength=ml.num_items)  # popularity in known data
+        self.candidates = np.ones(ml.num_items, dtype=bool)
+        if c.num_candidates is not None:
+            if not 1 <= c.num_candidates <= ml.num_items:
+                raise ValueError(f"num_candidates must lie in 1..{ml.num_items} (got {c.num_candidates})")
+            self.candidates[:] = False
+            self.candidates[np.argsort(-self.item_count, kind="stable")[:c.num_candidates]] = True
         users = np.random.default_rng(seed).permutation(ml.num_users)
         n_test = max(1, int(round(ml.num_users * c.test_user_fraction)))
         self.test_users, self.train_users = np.sort(users[:n_test]), np.sort(users[n_test:])

@@ -48,6 +48,11 @@ class DQNTrainConfig:
     eps_decay_steps: int = 10_000
     """Epsilon decays linearly from eps_start to eps_end over this many env steps."""
     double: bool = True
+    explore: str = "uniform"
+    """Exploratory actions: 'uniform' over the allowed items, or 'popular' (proportional to the
+    number of known ratings + 1, i.e. exploring what users tend to watch)."""
+    train_every: int = 1
+    """Env steps per gradient step."""
     huber_delta: float = 1.0
     checkpoint_every: int = 5_000
     sim: dict = field(default_factory=dict)
@@ -67,7 +72,9 @@ def train_dqn(cfg: DQNTrainConfig, ml: MovieLens | None = None,
     """Train a DQN agent; returns the online Q-network and a report (reward curve, test metrics)."""
     from tqdm import tqdm
 
-    gen = seed_everything(cfg.seed)
+    if cfg.explore not in ("uniform", "popular"):
+        raise ValueError(f"explore must be 'uniform' or 'popular' (got {cfg.explore!r})")
+    seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if sim is None:
         ml = ml if ml is not None else load_movielens(cfg.data_dir, cfg.dataset)
@@ -79,6 +86,7 @@ def train_dqn(cfg: DQNTrainConfig, ml: MovieLens | None = None,
     opt = torch.optim.Adam(online.parameters(), lr=cfg.lr)
     buffer = ReplayBuffer(cfg.buffer_size, sim.config.state_len, sim.num_items)
 
+    explore_weight = (sim.item_count + 1.0) if cfg.explore == "popular" else np.ones(sim.num_items)
     state, info = env.reset(seed=cfg.seed)
     episode_return, returns, losses = 0.0, [], []
     bar = tqdm(range(cfg.total_steps), desc=f"dqn[{q_cfg.q_net}]", unit="step", disable=not cfg.progress,
@@ -87,7 +95,9 @@ def train_dqn(cfg: DQNTrainConfig, ml: MovieLens | None = None,
     for step in bar:
         mask = info["action_mask"]
         if rng.random() < epsilon(step, cfg):
-            action = int(rng.choice(np.flatnonzero(mask)))
+            allowed = np.flatnonzero(mask)
+            w = explore_weight[allowed]
+            action = int(rng.choice(allowed, p=w / w.sum()))
         else:
             with torch.no_grad():
                 q, _ = online(torch.from_numpy(state)[None])
@@ -103,13 +113,13 @@ def train_dqn(cfg: DQNTrainConfig, ml: MovieLens | None = None,
             if len(returns) % 50 == 0:
                 bar.set_postfix(ret=f"{np.mean(returns[-200:]):.3f}", eps=f"{epsilon(step, cfg):.2f}")
 
-        if len(buffer) >= cfg.learning_starts:
+        if len(buffer) >= cfg.learning_starts and step % cfg.train_every == 0:
             batch = buffer.sample(cfg.batch_size, rng)
             s, s2 = torch.from_numpy(batch.state), torch.from_numpy(batch.next_state)
-            q_BI, aux = online(s)
+            q_both, aux = online(torch.cat([s, s2]))  # one pass for Q(s) and the Double-DQN argmax on s'
+            q_BI, q_next_online = q_both[: len(s)], q_both[len(s):].detach()
             with torch.no_grad():
                 q_next_target, _ = target(s2)
-                q_next_online = online(s2)[0] if cfg.double else q_next_target
                 y = q_targets(q_next_online, q_next_target, torch.from_numpy(batch.reward),
                               torch.from_numpy(batch.done), torch.from_numpy(batch.next_mask), cfg.gamma, cfg.double)
             loss = dqn_loss(q_BI, torch.from_numpy(batch.action), y, cfg.huber_delta) + aux
@@ -124,7 +134,6 @@ def train_dqn(cfg: DQNTrainConfig, ml: MovieLens | None = None,
         if cfg.out_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_dqn(cfg.out_dir, online, cfg, {"step": step + 1, "train_returns": returns})
     bar.close()
-    del gen
     online.eval()
     report = {
         "train_returns": returns,

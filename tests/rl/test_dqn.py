@@ -1,0 +1,52 @@
+"""Double-DQN targets and the Huber loss against hand-computed values; the Q-network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.rl.dqn import QNetwork, QNetworkConfig, dqn_loss, masked_argmax, q_targets
+
+
+def test_double_dqn_targets_by_hand():
+    q_online = torch.tensor([[1.0, 5.0, 2.0], [0.0, 1.0, 3.0], [4.0, 2.0, 1.0]])
+    q_target = torch.tensor([[10.0, 20.0, 30.0], [7.0, 8.0, 9.0], [6.0, 5.0, 4.0]])
+    reward = torch.tensor([1.0, -0.5, 0.5])
+    done = torch.tensor([False, False, True])
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, True]])
+    got = q_targets(q_online, q_target, reward, done, mask, gamma=0.9, double=True)
+    # row 0: online argmax = 1 -> target 20 -> 1 + .9 * 20 = 19
+    # row 1: item 2 not allowed, online argmax over {0, 1} = 1 -> target 8 -> -.5 + 7.2 = 6.7
+    # row 2: terminal -> reward only
+    torch.testing.assert_close(got, torch.tensor([19.0, 6.7, 0.5]))
+    # vanilla DQN: max of the target network over allowed items: 30 and 8
+    vanilla = q_targets(q_online, q_target, reward, done, mask, gamma=0.9, double=False)
+    torch.testing.assert_close(vanilla, torch.tensor([1 + 0.9 * 30, -0.5 + 0.9 * 8, 0.5]))
+    # nothing left to recommend: no bootstrap
+    empty = q_targets(q_online, q_target, reward, torch.tensor([False] * 3), torch.zeros(3, 3, dtype=torch.bool), 0.9)
+    torch.testing.assert_close(empty, reward)
+
+
+def test_huber_loss_by_hand():
+    q = torch.tensor([[0.0, 2.0], [1.0, -1.0]], requires_grad=True)
+    loss = dqn_loss(q, torch.tensor([1, 0]), torch.tensor([2.5, 4.0]), huber_delta=1.0)
+    # errors 0.5 (quadratic: .5 * .25) and 3 (linear: 3 - .5)
+    assert loss.item() == pytest.approx((0.125 + 2.5) / 2)
+    loss.backward()
+    torch.testing.assert_close(q.grad, torch.tensor([[0.0, -0.25], [-0.5, 0.0]]))
+
+
+@pytest.mark.parametrize("q_net", ["mlp", "moe"])
+def test_q_network_scores_the_catalogue_and_handles_empty_states(q_net):
+    torch.manual_seed(0)
+    net = QNetwork(QNetworkConfig(num_items=7, dim=8, ffn_hidden=8, q_net=q_net))
+    states = torch.tensor([[7, 7, 1, 2], [7, 7, 7, 7], [2, 1, 7, 7]])  # 7 = padding
+    q, aux = net(states)
+    assert q.shape == (3, 7) and torch.isfinite(q).all()
+    torch.testing.assert_close(q[0], q[2])  # the state is a set: order and padding position do not matter
+    assert (aux.item() > 0) == (q_net == "moe")
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[:, q.argmax(1)[0]] = False
+    assert (masked_argmax(q, mask) != q.argmax(1)[0]).all()
+    with pytest.raises(ValueError, match="unknown q_net"):
+        QNetworkConfig(num_items=3, q_net="rnn")
