@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the markdown report templates below keep their lines as they appear in the doc)
 """Two-tower retrieval on MovieLens against most-popular and ALS: writes docs/results/retrieval.md.
 
     python benchmarks/retrieval_results.py --data-dir ../shared/data/ml-100k

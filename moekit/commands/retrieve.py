@@ -11,10 +11,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="folder written by `moekit train two-tower`")
     parser.add_argument("--user", type=int, required=True, help="raw MovieLens user id")
     parser.add_argument("-k", type=int, default=50)
-    parser.add_argument("--data-dir", help="MovieLens folder (default: the one the checkpoint was trained on)")
-    parser.add_argument("--index", default="flat", choices=["flat", "hnsw"], help="exact (flat) or HNSW search")
+    parser.add_argument("--data-dir", help="MovieLens folder (default: the checkpoint's training data)")
+    parser.add_argument("--index", default="flat", choices=["flat", "hnsw"], help="exact (flat) or HNSW")
     parser.add_argument("--include-seen", action="store_true", help="do not exclude the user's rated movies")
-    parser.add_argument("--seed", type=int, default=0, help="unused (retrieval is deterministic); for uniformity")
+    parser.add_argument("--seed", type=int, default=0, help="unused: retrieval is deterministic")
 
 
 def run(args: argparse.Namespace) -> int:

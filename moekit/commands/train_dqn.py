@@ -8,9 +8,9 @@ HELP = "train a DQN recommender in a MovieLens user simulator and compare it wit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="folder with the MovieLens files (default: $MOEKIT_DATA/<dataset>)")
+    parser.add_argument("--data-dir", help="MovieLens folder (default: $MOEKIT_DATA/<dataset>)")
     parser.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
-    parser.add_argument("--out", required=True, help="checkpoint folder (Q-network, metrics, reward-curve PNG)")
+    parser.add_argument("--out", required=True, help="folder for the Q-network, metrics and reward curve")
     parser.add_argument("--steps", type=int, default=20_000, help="environment steps")
     parser.add_argument("--q-net", default="mlp", choices=["mlp", "moe"])
     parser.add_argument("--num-experts", type=int, default=4)
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     sim_kw = {"episode_length": args.episode_length, "state_len": args.state_len, "noise_std": args.noise,
               "num_candidates": args.candidates}
     cfg = DQNTrainConfig(
-        data_dir=args.data_dir, dataset=args.dataset, out_dir=args.out, seed=args.seed, total_steps=args.steps,
+        data_dir=args.data_dir, dataset=args.dataset, out_dir=args.out, seed=args.seed,
+        total_steps=args.steps,
         lr=args.lr, gamma=args.gamma, explore=args.explore, eps_decay_steps=args.eps_decay_steps,
         double=not args.no_double, sim=sim_kw, q={"q_net": args.q_net, "num_experts": args.num_experts},
     )

@@ -8,7 +8,7 @@ HELP = "train a two-tower retrieval model (MLP or MoE towers) on MovieLens"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="folder with the MovieLens files (default: $MOEKIT_DATA/<dataset>)")
+    parser.add_argument("--data-dir", help="MovieLens folder (default: $MOEKIT_DATA/<dataset>)")
     parser.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--split", default="test", choices=["test", "valid"],
@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, dataset=args.dataset, split=args.split, out_dir=args.out, seed=args.seed,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, logq=not args.no_logq,
         extra_negatives=args.extra_negatives, ks=tuple(args.ks),
-        model={"tower": args.tower, "num_experts": args.num_experts, "top_k": args.top_k, "pooling": args.pooling,
-               "dim": args.dim, "history_len": args.history_len, "temperature": args.temperature},
+        model={"tower": args.tower, "num_experts": args.num_experts, "top_k": args.top_k,
+               "pooling": args.pooling, "dim": args.dim, "history_len": args.history_len,
+               "temperature": args.temperature},
     )
     _, report = train_two_tower(cfg)
     print(f"{args.split} users: {report['num_eval_users']}, training {report['train_seconds']:.0f} s")

@@ -81,9 +81,8 @@ class MovieLens:
         """The 0-based index of a raw user id, with a clear error for an unknown one."""
         hits = np.flatnonzero(self.user_ids == raw_user_id)
         if hits.size == 0:
-            raise ValueError(
-                f"{self.name}: unknown user id {raw_user_id} (ids run {self.user_ids.min()}..{self.user_ids.max()})"
-            )
+            lo, hi = self.user_ids.min(), self.user_ids.max()
+            raise ValueError(f"{self.name}: unknown user id {raw_user_id} (ids run {lo}..{hi})")
         return int(hits[0])
 
 
@@ -96,7 +95,9 @@ def _fields(path: Path, sep: str, count: int, encoding: str = "latin-1"):
                 continue
             parts = line.split(sep)
             if len(parts) != count:
-                raise ValueError(f"{path}:{lineno}: expected {count} fields separated by {sep!r}, got {len(parts)}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected {count} fields separated by {sep!r}, got {len(parts)}"
+                )
             yield lineno, parts
 
 
@@ -149,7 +150,8 @@ def read_movies(path: str | Path) -> tuple[np.ndarray, list[str], np.ndarray, np
     ids_I = np.asarray(ids, dtype=np.int64)
     if len(np.unique(ids_I)) != len(ids_I):
         raise ValueError(f"{path}: duplicate movie ids")
-    return ids_I, titles, np.asarray(years, dtype=np.int64), np.asarray(genres, dtype=bool).reshape(-1, len(GENRES))
+    genres_IG = np.asarray(genres, dtype=bool).reshape(-1, len(GENRES))
+    return ids_I, titles, np.asarray(years, dtype=np.int64), genres_IG
 
 
 def _title_year(title: str) -> int:
@@ -178,8 +180,8 @@ def read_users(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     else:  # ML-1M codes 0..20, named in its README
         names = [str(i) for i in range(max(int(o) for o in occ) + 1)]
     lookup = {n: i for i, n in enumerate(names)}
-    return (np.asarray(ids, dtype=np.int64), np.asarray(gender, dtype=np.int64), np.asarray(age, dtype=np.int64),
-            np.asarray([lookup[o] for o in occ], dtype=np.int64), names)
+    as_int = lambda values: np.asarray(values, dtype=np.int64)  # noqa: E731
+    return as_int(ids), as_int(gender), as_int(age), as_int([lookup[o] for o in occ]), names
 
 
 def load_movielens(data_dir: str | Path | None = None, dataset: str = "ml-100k") -> MovieLens:
@@ -206,7 +208,7 @@ def _index_of(ids: np.ndarray, raw: np.ndarray, path: Path, what: str) -> np.nda
     found = ids[order][pos] == raw
     if not found.all():
         row = int(np.flatnonzero(~found)[0])
-        raise ValueError(f"{path}: data row {row + 1} names {what} id {raw[row]}, absent from the {what} file")
+        raise ValueError(f"{path}: data row {row + 1} names {what} id {raw[row]}, not in the {what} file")
     return order[pos].astype(np.int64)
 
 
@@ -224,7 +226,9 @@ def leave_last_out(data: MovieLens) -> tuple[np.ndarray, np.ndarray]:
     return test_rows, train_mask
 
 
-def user_sequences(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, num_users: int) -> list[np.ndarray]:
+def user_sequences(
+    user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, num_users: int
+) -> list[np.ndarray]:
     """Each user's items in time order (ties by input order), as a list of int64 arrays."""
     order = np.lexsort((np.arange(len(user)), timestamp, user))
     bounds = np.searchsorted(user[order], np.arange(num_users + 1))
@@ -232,7 +236,9 @@ def user_sequences(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, nu
     return [items[bounds[u]:bounds[u + 1]] for u in range(num_users)]
 
 
-def synthetic_movielens(num_users: int = 30, num_items: int = 40, ratings_per_user: int = 12, seed: int = 0) -> MovieLens:
+def synthetic_movielens(
+    num_users: int = 30, num_items: int = 40, ratings_per_user: int = 12, seed: int = 0
+) -> MovieLens:
     """A small random MovieLens-shaped dataset (for tests and examples; no structure worth learning
     except that lower item indices are rated more often and more highly)."""
     rng = np.random.default_rng(seed)
@@ -244,13 +250,17 @@ def synthetic_movielens(num_users: int = 30, num_items: int = 40, ratings_per_us
         chosen = rng.choice(num_items, size=ratings_per_user, replace=False, p=popularity / popularity.sum())
         users.append(np.full(ratings_per_user, u))
         items.append(chosen)
-        ratings.append(np.clip(np.rint(4.5 - 2.5 * chosen / num_items + rng.normal(0, 0.7, ratings_per_user)), 1, 5))
+        stars = 4.5 - 2.5 * chosen / num_items + rng.normal(0, 0.7, ratings_per_user)
+        ratings.append(np.clip(np.rint(stars), 1, 5))
         times.append(rng.permutation(ratings_per_user) + 1000 * u)
     years = rng.integers(1930, 2000, num_items)
     return MovieLens(
-        name="synthetic", user=np.concatenate(users).astype(np.int64), item=np.concatenate(items).astype(np.int64),
+        name="synthetic",
+        user=np.concatenate(users).astype(np.int64),
+        item=np.concatenate(items).astype(np.int64),
         rating=np.concatenate(ratings).astype(np.float32), timestamp=np.concatenate(times).astype(np.int64),
-        item_ids=np.arange(1, num_items + 1), titles=[f"Movie {i + 1} ({y})" for i, y in enumerate(years)],
+        item_ids=np.arange(1, num_items + 1),
+        titles=[f"Movie {i + 1} ({y})" for i, y in enumerate(years)],
         years=years.astype(np.int64), genres=rng.random((num_items, len(GENRES))) < 0.2,
         user_ids=np.arange(1, num_users + 1), gender=rng.integers(0, 2, num_users),
         age_group=rng.integers(0, len(AGE_GROUPS), num_users), occupation=rng.integers(0, 3, num_users),

@@ -51,8 +51,10 @@ class QNetwork(nn.Module):
         self.item_in = nn.Embedding(c.num_items + 1, c.dim, padding_idx=c.num_items)
         self.norm = nn.LayerNorm(c.dim)
         if c.q_net == "moe":
-            self.block = MoE(MoEConfig(d_model=c.dim, d_ff=c.ffn_hidden, num_experts=c.num_experts, top_k=c.top_k,
-                                       expert_type="mlp", activation="gelu", aux_loss_coef=c.aux_loss_coef))
+            self.block = MoE(MoEConfig(
+                d_model=c.dim, d_ff=c.ffn_hidden, num_experts=c.num_experts, top_k=c.top_k,
+                expert_type="mlp", activation="gelu", aux_loss_coef=c.aux_loss_coef,
+            ))
         else:
             self.block = FeedForward(c.dim, c.ffn_hidden, expert_type="mlp", activation="gelu")
         self.empty_state = nn.Parameter(torch.zeros(c.dim))  # the encoding of a state with no positives yet

@@ -191,7 +191,7 @@ class RecommendationEnv(gym.Env):
                 raise ValueError(f"user {self.user} outside 0..{self.sim.num_users - 1}")
         else:
             self.user = int(self.users[self.np_random.integers(len(self.users))])
-        self.mask = ~self.sim.known_mask[self.user]
+        self.mask = ~self.sim.known_mask[self.user] & self.sim.candidates
         self.state = self.sim.initial_state(self.user)
         self.t = 0
         return self.state.copy(), self._info()

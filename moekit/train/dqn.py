@@ -120,8 +120,9 @@ def train_dqn(cfg: DQNTrainConfig, ml: MovieLens | None = None,
             q_BI, q_next_online = q_both[: len(s)], q_both[len(s):].detach()
             with torch.no_grad():
                 q_next_target, _ = target(s2)
-                y = q_targets(q_next_online, q_next_target, torch.from_numpy(batch.reward),
-                              torch.from_numpy(batch.done), torch.from_numpy(batch.next_mask), cfg.gamma, cfg.double)
+                reward, done = torch.from_numpy(batch.reward), torch.from_numpy(batch.done)
+                y = q_targets(q_next_online, q_next_target, reward, done, torch.from_numpy(batch.next_mask),
+                              cfg.gamma, cfg.double)
             loss = dqn_loss(q_BI, torch.from_numpy(batch.action), y, cfg.huber_delta) + aux
             check_finite(loss, step, cfg.out_dir or "")
             opt.zero_grad(set_to_none=True)
@@ -143,7 +144,8 @@ def train_dqn(cfg: DQNTrainConfig, ml: MovieLens | None = None,
     }
     if cfg.out_dir:
         save_dqn(cfg.out_dir, online, cfg, report)
-        plot_reward_curve(returns, Path(cfg.out_dir) / "reward_curve.png", title=f"DQN ({q_cfg.q_net}) training")
+        plot_reward_curve(returns, Path(cfg.out_dir) / "reward_curve.png",
+                          title=f"DQN ({q_cfg.q_net}) training")
     return online, report
 
 
@@ -179,7 +181,9 @@ def greedy_mf_policy(sim: MovieLensSimulator) -> Policy:
     return act
 
 
-def evaluate_policy(sim: MovieLensSimulator, policy: Policy, users: np.ndarray, seed: int = 0) -> dict[str, float]:
+def evaluate_policy(
+    sim: MovieLensSimulator, policy: Policy, users: np.ndarray, seed: int = 0
+) -> dict[str, float]:
     """One greedy session per user: mean return, hit rate, real-feedback share, mean stars."""
     env = RecommendationEnv(sim, users)
     returns, hits, real, stars = [], [], [], []

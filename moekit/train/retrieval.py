@@ -87,7 +87,8 @@ def prepare_retrieval_data(ml: MovieLens, split: str = "test", history_len: int 
     ]) if len(eval_user) else np.zeros((0, L), dtype=np.int64)
     data = RetrievalData(
         num_users=ml.num_users, num_items=ml.num_items, history_len=L,
-        train_user=torch.from_numpy(np.concatenate(tr_user)), train_item=torch.from_numpy(np.concatenate(tr_item)),
+        train_user=torch.from_numpy(np.concatenate(tr_user)),
+        train_item=torch.from_numpy(np.concatenate(tr_item)),
         train_history=torch.from_numpy(np.concatenate(hist_rows)),
         item_count=torch.bincount(torch.from_numpy(item[train_mask]), minlength=ml.num_items),
         eval_user=torch.from_numpy(eval_user), eval_target=torch.from_numpy(eval_target),

@@ -1,4 +1,4 @@
-"""`moekit train two-tower`, `moekit retrieve` and `moekit train dqn` end to end on tiny ML-100K-format files."""
+"""`moekit train two-tower`, `retrieve` and `train dqn` end to end on tiny ML-100K-format files."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_train_then_retrieve_prints_titles_without_seen_movies(tmp_path, capsys)
     _write_ml100k(data)
     ckpt = tmp_path / "tt"
     assert main(["train", "two-tower", "--data-dir", str(data), "--out", str(ckpt), "--epochs", "1",
-                 "--batch-size", "16", "--dim", "8", "--history-len", "4", "--tower", "moe"]) == 1  # K=100 > 25
+                 "--batch-size", "16", "--dim", "8", "--history-len", "4", "--tower", "moe"]) == 1  # K=100
     assert "k=100 but a row has only" in capsys.readouterr().err
     assert main(["train", "two-tower", "--data-dir", str(data), "--out", str(ckpt), "--epochs", "1",
                  "--batch-size", "16", "--dim", "8", "--history-len", "4", "--ks", "1", "5"]) == 0
@@ -35,8 +35,8 @@ def test_train_then_retrieve_prints_titles_without_seen_movies(tmp_path, capsys)
     assert main(["retrieve", "--ckpt", str(ckpt), "--user", "3", "-k", "5"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("user 3:") and len(out) == 6
-    rows = sorted((int(t), i) for u, i, _, t in (line.split("\t") for line in (data / "u.data").read_text().splitlines())
-                  if u == "3")
+    lines = (line.split("\t") for line in (data / "u.data").read_text().splitlines())
+    rows = sorted((int(t), i) for u, i, _, t in lines if u == "3")
     rated = {i for _, i in rows[:-1]}  # the latest rating is the held-out test item, not history
     titles = {line.split("|")[1]: line.split("|")[0] for line in (data / "u.item").read_text().splitlines()}
     for line in out[1:]:

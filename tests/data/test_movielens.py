@@ -7,7 +7,14 @@ import gzip
 import numpy as np
 import pytest
 
-from moekit.data.movielens import load_movielens, leave_last_out, read_movies, read_ratings, read_users, user_sequences
+from moekit.data.movielens import (
+    leave_last_out,
+    load_movielens,
+    read_movies,
+    read_ratings,
+    read_users,
+    user_sequences,
+)
 
 
 def test_ml100k_counts_match_the_readme(shared_data):
@@ -24,12 +31,14 @@ def test_ml100k_counts_match_the_readme(shared_data):
 def test_ml1m_format(tmp_path):
     (tmp_path / "ratings.dat").write_text("1::10::5::978300760\n2::20::3::978302109\n1::20::4::978300000\n")
     with gzip.open(tmp_path / "movies.dat.gz", "wt", encoding="latin-1") as f:
-        f.write("10::GoldenEye (1995)::Action|Adventure|Thriller\n20::Misérables, Les (1995)::Drama|Musical\n")
+        f.write("10::GoldenEye (1995)::Action|Adventure|Thriller\n")
+        f.write("20::Misérables, Les (1995)::Drama|Musical\n")
     (tmp_path / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
     ml = load_movielens(tmp_path, "ml-1m")
     assert ml.titles[1] == "Misérables, Les (1995)" and ml.years.tolist() == [1995, 1995]
     assert ml.user.tolist() == [0, 1, 0] and ml.item.tolist() == [0, 1, 1]
-    assert ml.age_group.tolist() == [0, 6] and ml.gender.tolist() == [0, 1] and ml.occupation.tolist() == [10, 16]
+    assert ml.age_group.tolist() == [0, 6] and ml.gender.tolist() == [0, 1]
+    assert ml.occupation.tolist() == [10, 16]
     assert ml.genres[0].nonzero()[0].tolist() == [1, 2, 16]
 
 

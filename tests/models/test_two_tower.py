@@ -65,8 +65,9 @@ def test_duplicate_positive_is_not_a_negative_and_extra_negatives_count():
 
 def _model(**kw) -> TwoTower:
     torch.manual_seed(0)
-    return TwoTower(TwoTowerConfig(num_users=5, num_items=9, num_genres=4, num_year_buckets=3, num_age_groups=2,
-                                   num_occupations=3, dim=8, hidden=16, ffn_hidden=16, history_len=4, **kw))
+    return TwoTower(TwoTowerConfig(num_users=5, num_items=9, num_genres=4, num_year_buckets=3,
+                                   num_age_groups=2, num_occupations=3, dim=8, hidden=16, ffn_hidden=16,
+                                   history_len=4, **kw))
 
 
 @pytest.mark.parametrize("tower", ["mlp", "moe"])

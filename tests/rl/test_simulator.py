@@ -11,8 +11,9 @@ from moekit.rl.simulator import MovieLensSimulator, RatingMF, RecommendationEnv,
 
 def _sim(noise: float = 0.5, seed: int = 0, **kw) -> MovieLensSimulator:
     ml = synthetic_movielens(num_users=25, num_items=40, ratings_per_user=15, seed=2)
-    return MovieLensSimulator(ml, SimulatorConfig(episode_length=6, state_len=4, noise_std=noise, mf_factors=4,
-                                                  mf_iterations=5, **kw), seed=seed)
+    config = SimulatorConfig(episode_length=6, state_len=4, noise_std=noise, mf_factors=4, mf_iterations=5,
+                             **kw)
+    return MovieLensSimulator(ml, config, seed=seed)
 
 
 def _rollout(env: RecommendationEnv, seed: int) -> list:
@@ -98,6 +99,16 @@ def test_rating_mf_half_step_is_the_ridge_solution():
     rmse = np.sqrt(np.mean((mf.predict(user, item) - rating) ** 2))
     assert rmse < np.std(rating)
     np.testing.assert_allclose(mf.predict_all(2), mf.predict(2, np.arange(9)))
+
+
+def test_candidates_restrict_sessions_to_the_most_rated_movies():
+    sim = _sim(num_candidates=10)
+    top = set(np.argsort(-sim.item_count, kind="stable")[:10].tolist())
+    env = RecommendationEnv(sim, "train")
+    _, info = env.reset(seed=0)
+    assert set(np.flatnonzero(info["action_mask"]).tolist()) == top - set(np.flatnonzero(sim.known_mask[info["user"]]))
+    with pytest.raises(ValueError, match="num_candidates must lie in"):
+        _sim(num_candidates=0)
 
 
 def test_bad_config_is_rejected():

@@ -23,7 +23,8 @@ def test_double_dqn_targets_by_hand():
     vanilla = q_targets(q_online, q_target, reward, done, mask, gamma=0.9, double=False)
     torch.testing.assert_close(vanilla, torch.tensor([1 + 0.9 * 30, -0.5 + 0.9 * 8, 0.5]))
     # nothing left to recommend: no bootstrap
-    empty = q_targets(q_online, q_target, reward, torch.tensor([False] * 3), torch.zeros(3, 3, dtype=torch.bool), 0.9)
+    nothing = torch.zeros(3, 3, dtype=torch.bool)
+    empty = q_targets(q_online, q_target, reward, torch.tensor([False] * 3), nothing, 0.9)
     torch.testing.assert_close(empty, reward)
 
 

@@ -121,8 +121,10 @@ def test_prepared_windows_targets_and_history_exclusion():
 @pytest.mark.parametrize("tower", ["mlp", "moe"])
 def test_training_runs_is_seeded_and_checkpoint_round_trips(tmp_path, tower):
     ml = synthetic_movielens(num_users=20, num_items=30, ratings_per_user=8, seed=0)
-    model_kw = {"tower": tower, "dim": 8, "hidden": 16, "ffn_hidden": 16, "history_len": 4, "num_year_buckets": 20}
-    cfg = RetrievalTrainConfig(epochs=2, batch_size=16, progress=False, model=model_kw, extra_negatives=5, ks=(1, 5),
+    model_kw = {"tower": tower, "dim": 8, "hidden": 16, "ffn_hidden": 16, "history_len": 4,
+                "num_year_buckets": 20}
+    cfg = RetrievalTrainConfig(epochs=2, batch_size=16, progress=False, model=model_kw, extra_negatives=5,
+                               ks=(1, 5),
                                out_dir=str(tmp_path / "ckpt"))
     model, report = train_two_tower(cfg, ml)
     _, again = train_two_tower(RetrievalTrainConfig(**{**cfg.__dict__, "out_dir": None}), ml)

@@ -22,7 +22,8 @@ from moekit.train.dqn import (
 
 def _sim(**kw) -> MovieLensSimulator:
     ml = synthetic_movielens(num_users=20, num_items=30, ratings_per_user=10, seed=4)
-    return MovieLensSimulator(ml, SimulatorConfig(episode_length=5, state_len=3, mf_factors=4, mf_iterations=3, **kw))
+    config = SimulatorConfig(episode_length=5, state_len=3, mf_factors=4, mf_iterations=3, **kw)
+    return MovieLensSimulator(ml, config)
 
 
 def test_epsilon_decays_linearly_then_stays():
@@ -34,7 +35,8 @@ def test_epsilon_decays_linearly_then_stays():
 def test_training_is_seeded_and_checkpoints_round_trip(tmp_path, q_net):
     sim = _sim()
     cfg = DQNTrainConfig(total_steps=120, learning_starts=20, batch_size=8, buffer_size=50, target_update=30,
-                         eps_decay_steps=60, checkpoint_every=60, q={"q_net": q_net, "dim": 8, "ffn_hidden": 8},
+                         eps_decay_steps=60, checkpoint_every=60,
+                         q={"q_net": q_net, "dim": 8, "ffn_hidden": 8},
                          explore="popular", out_dir=str(tmp_path / "run"), progress=False)
     net, report = train_dqn(cfg, sim=sim)
     assert len(report["train_returns"]) == 120 // 5
