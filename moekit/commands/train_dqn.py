@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--explore", default="uniform", choices=["uniform", "popular"])
     parser.add_argument("--eps-decay-steps", type=int, default=10_000)
+    parser.add_argument("--init-from-mf", action="store_true",
+                        help="warm-start item embeddings from the simulator's MF item factors")
     parser.add_argument("--no-double", action="store_true", help="plain DQN targets instead of Double DQN")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, dataset=args.dataset, out_dir=args.out, seed=args.seed,
         total_steps=args.steps,
         lr=args.lr, gamma=args.gamma, explore=args.explore, eps_decay_steps=args.eps_decay_steps,
-        double=not args.no_double, sim=sim_kw, q={"q_net": args.q_net, "num_experts": args.num_experts},
+        double=not args.no_double, init_from_mf=args.init_from_mf, sim=sim_kw, q={"q_net": args.q_net, "num_experts": args.num_experts},
     )
     ml = load_movielens(args.data_dir, args.dataset)
     sim = MovieLensSimulator(ml, SimulatorConfig(**sim_kw), seed=args.seed)

@@ -65,6 +65,22 @@ class QNetwork(nn.Module):
         with torch.no_grad():
             self.item_in.weight[self.pad].zero_()
 
+    @torch.no_grad()
+    def init_items_from_mf(self, item_factors_IF: Tensor, item_bias_I: Tensor, reward_scale: float = 0.5) -> None:
+        """Warm-start the item embeddings from a matrix factorisation of the training ratings (as
+        Zhao et al., RecSys 2018, start from pre-trained item embeddings): the first F dimensions of
+        both item tables get the MF item factors (F <= dim) and the item bias gets the MF item bias
+        times `reward_scale` (stars -> reward units). Only training data enters; Q-learning goes on
+        from there."""
+        item_factors_IF = torch.as_tensor(item_factors_IF, dtype=torch.float32)
+        I, F = item_factors_IF.shape
+        if I != self.config.num_items or F > self.config.dim:
+            raise ValueError(f"MF factors of shape {(I, F)} do not fit {self.config.num_items} items of dim "
+                             f"{self.config.dim}")
+        self.item_in.weight[:I, :F] = item_factors_IF
+        self.item_out.weight[:, :F] = item_factors_IF
+        self.item_bias.copy_(torch.as_tensor(item_bias_I, dtype=torch.float32) * reward_scale)
+
     def forward(self, state_BS: Tensor) -> tuple[Tensor, Tensor]:
         """Q-values (B, I) and the MoE balancing loss (scalar; zero for the MLP)."""
         valid_BS = state_BS != self.pad

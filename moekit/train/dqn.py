@@ -53,6 +53,10 @@ class DQNTrainConfig:
     number of known ratings + 1, i.e. exploring what users tend to watch)."""
     train_every: int = 1
     """Env steps per gradient step."""
+    init_from_mf: bool = False
+    """Warm-start the item embeddings and biases from the simulator's MF item factors (fitted on the
+    known ratings; `QNetwork.init_items_from_mf`). This hands the agent the item half of the
+    simulator's user model, so results with it must say so."""
     huber_delta: float = 1.0
     checkpoint_every: int = 5_000
     sim: dict = field(default_factory=dict)
@@ -82,6 +86,8 @@ def train_dqn(cfg: DQNTrainConfig, ml: MovieLens | None = None,
     env = RecommendationEnv(sim, "train")
     q_cfg = QNetworkConfig(num_items=sim.num_items, **cfg.q)
     online = QNetwork(q_cfg)
+    if cfg.init_from_mf:
+        online.init_items_from_mf(torch.from_numpy(sim.mf.item_factors), torch.from_numpy(sim.mf.item_bias))
     target = copy.deepcopy(online).requires_grad_(False)
     opt = torch.optim.Adam(online.parameters(), lr=cfg.lr)
     buffer = ReplayBuffer(cfg.buffer_size, sim.config.state_len, sim.num_items)

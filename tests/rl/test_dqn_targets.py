@@ -51,3 +51,19 @@ def test_q_network_scores_the_catalogue_and_handles_empty_states(q_net):
     assert (masked_argmax(q, mask) != q.argmax(1)[0]).all()
     with pytest.raises(ValueError, match="unknown q_net"):
         QNetworkConfig(num_items=3, q_net="rnn")
+
+
+def test_items_warm_started_from_mf_give_mf_bias_q_values_for_an_empty_state():
+    torch.manual_seed(0)
+    net = QNetwork(QNetworkConfig(num_items=5, dim=6, ffn_hidden=8))
+    factors, bias = torch.randn(5, 3), torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    net.init_items_from_mf(factors, bias, reward_scale=0.5)
+    torch.testing.assert_close(net.item_out.weight[:, :3], factors)
+    torch.testing.assert_close(net.item_in.weight[:5, :3], factors)
+    assert net.item_in.weight[5].abs().sum() == 0  # padding row untouched
+    # the empty state encodes to empty_state (zeros) + FFN(LayerNorm(0)); subtracting that part leaves the bias
+    q, _ = net(torch.full((1, 2), 5))
+    h = net.empty_state + net.block(net.norm(net.empty_state))
+    torch.testing.assert_close(q[0] - h @ net.item_out.weight.T, bias * 0.5)
+    with pytest.raises(ValueError, match="do not fit 5 items of dim 6"):
+        net.init_items_from_mf(torch.randn(5, 7), bias)
