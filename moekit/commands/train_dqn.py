@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, dataset=args.dataset, out_dir=args.out, seed=args.seed,
         total_steps=args.steps,
         lr=args.lr, gamma=args.gamma, explore=args.explore, eps_decay_steps=args.eps_decay_steps,
-        double=not args.no_double, init_from_mf=args.init_from_mf, sim=sim_kw, q={"q_net": args.q_net, "num_experts": args.num_experts},
+        double=not args.no_double, init_from_mf=args.init_from_mf, sim=sim_kw,
+        q={"q_net": args.q_net, "num_experts": args.num_experts},
     )
     ml = load_movielens(args.data_dir, args.dataset)
     sim = MovieLensSimulator(ml, SimulatorConfig(**sim_kw), seed=args.seed)

@@ -66,7 +66,9 @@ class QNetwork(nn.Module):
             self.item_in.weight[self.pad].zero_()
 
     @torch.no_grad()
-    def init_items_from_mf(self, item_factors_IF: Tensor, item_bias_I: Tensor, reward_scale: float = 0.5) -> None:
+    def init_items_from_mf(
+        self, item_factors_IF: Tensor, item_bias_I: Tensor, reward_scale: float = 0.5
+    ) -> None:
         """Warm-start the item embeddings from a matrix factorisation of the training ratings (as
         Zhao et al., RecSys 2018, start from pre-trained item embeddings): the first F dimensions of
         both item tables get the MF item factors (F <= dim) and the item bias gets the MF item bias

@@ -252,8 +252,9 @@ def plot_reward_curve(curves: dict[str, list[float]] | list[float], path: str | 
         w = max(1, min(window, len(r)))
         smooth = np.convolve(r, np.ones(w) / w, mode="valid")
         ax.plot(np.arange(w, len(r) + 1), smooth, label=name)
-    for name, value in (references or {}).items():
-        ax.axhline(value, linestyle="--", linewidth=1, label=name, color="gray" if "random" in name else None)
+    colors = ("gray", "tab:orange", "tab:green", "tab:red", "tab:purple")
+    for (name, value), color in zip((references or {}).items(), colors, strict=False):
+        ax.axhline(value, linestyle="--", linewidth=1, label=name, color=color)
     ax.set_xlabel("training episode")
     ax.set_ylabel(f"episode return ({window}-episode moving average)")
     ax.set_title(title)

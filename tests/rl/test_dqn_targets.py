@@ -61,7 +61,7 @@ def test_items_warm_started_from_mf_give_mf_bias_q_values_for_an_empty_state():
     torch.testing.assert_close(net.item_out.weight[:, :3], factors)
     torch.testing.assert_close(net.item_in.weight[:5, :3], factors)
     assert net.item_in.weight[5].abs().sum() == 0  # padding row untouched
-    # the empty state encodes to empty_state (zeros) + FFN(LayerNorm(0)); subtracting that part leaves the bias
+    # an empty state encodes to empty_state + FFN(LayerNorm(empty_state)); removing that leaves the bias
     q, _ = net(torch.full((1, 2), 5))
     h = net.empty_state + net.block(net.norm(net.empty_state))
     torch.testing.assert_close(q[0] - h @ net.item_out.weight.T, bias * 0.5)

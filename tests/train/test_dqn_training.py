@@ -37,7 +37,8 @@ def test_training_is_seeded_and_checkpoints_round_trip(tmp_path, q_net):
     cfg = DQNTrainConfig(total_steps=120, learning_starts=20, batch_size=8, buffer_size=50, target_update=30,
                          eps_decay_steps=60, checkpoint_every=60,
                          q={"q_net": q_net, "dim": 8, "ffn_hidden": 8},
-                         explore="popular", init_from_mf=True, out_dir=str(tmp_path / "run"), progress=False)
+                         explore="popular", init_from_mf=True, out_dir=str(tmp_path / "run"),
+                         progress=False)
     net, report = train_dqn(cfg, sim=sim)
     assert len(report["train_returns"]) == 120 // 5
     _, again = train_dqn(DQNTrainConfig(**{**cfg.__dict__, "out_dir": None}), sim=_sim())
