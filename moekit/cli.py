@@ -15,11 +15,18 @@ from collections.abc import Sequence
 
 # (command words) -> module implementing it. Add a line here to add a subcommand.
 COMMANDS: dict[tuple[str, ...], str] = {
+    ("demo",): "moekit.commands.demo",
     ("info",): "moekit.commands.info",
+    ("bench", "layer"): "moekit.commands.bench_layer",
+    ("train", "lm"): "moekit.commands.train_lm",
+    ("eval", "lm"): "moekit.commands.eval_lm",
+    ("generate",): "moekit.commands.generate",
+    ("train", "mtl"): "moekit.commands.train_mtl",
+    ("checkpoint", "merge"): "moekit.commands.checkpoint_merge",
+    ("checkpoint", "reshard"): "moekit.commands.checkpoint_reshard",
     ("train", "two-tower"): "moekit.commands.train_two_tower",
     ("retrieve",): "moekit.commands.retrieve",
     ("train", "dqn"): "moekit.commands.train_dqn",
-    # ("bench", "layer"): "moekit.commands.bench_layer",
 }
 
 # Group help for commands that only hold subcommands.
@@ -27,6 +34,7 @@ GROUP_HELP = {
     "bench": "measure moekit against its competitors",
     "train": "train a model",
     "eval": "evaluate a trained model",
+    "checkpoint": "merge or re-shard expert-parallel checkpoints",
 }
 
 # glibc hands large freed buffers back to the OS after every call unless these are raised; for
@@ -68,24 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tune_malloc_and_reexec(argv: Sequence[str]) -> None:
-    """Restart once with the glibc malloc tunables set, when running as the `moekit` program."""
-    if (
-        sys.platform != "linux"
-        or "GLIBC_TUNABLES" in os.environ
-        or os.environ.get("MOEKIT_NO_REEXEC")
-        or not sys.argv
-        or not sys.argv[0].endswith("moekit")
-    ):
+    """Restart the process once with the glibc malloc tunables set (they only act at start-up)."""
+    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("MOEKIT_NO_REEXEC"):
         return
     env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES, MOEKIT_NO_REEXEC="1")
     os.execve(sys.executable, [sys.executable, "-m", "moekit", *argv], env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None  # only the real program re-executes itself; tests call main(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.no_malloc_tuning and getattr(args._module, "TUNE_MALLOC", False):
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse has already printed
+        return int(exit_.code or 0)
+    if as_program and not args.no_malloc_tuning and getattr(args._module, "TUNE_MALLOC", False):
         _tune_malloc_and_reexec(argv)
     try:
         return int(args._module.run(args) or 0)

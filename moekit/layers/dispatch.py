@@ -87,7 +87,7 @@ def combine_token_choice(y_PD: Tensor, dispatch: Dispatch, weights_TK: Tensor) -
     fixed and the result deterministic on every device. Dropped assignments must have weight 0.
     """
     T, K = weights_TK.shape
-    y_TKD = y_PD.index_select(0, dispatch.row_A).view(T, K, -1)
+    y_TKD = y_PD.index_select(0, dispatch.row_A).view(T, K, y_PD.shape[-1])  # not -1: T may be 0
     return torch.bmm(weights_TK.to(y_PD.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
 

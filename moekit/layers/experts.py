@@ -26,7 +26,12 @@ def activate(h: Tensor, expert_type: str, activation: str) -> Tensor:
     return _ACTIVATIONS[activation](h)
 
 
-def _grouped_mm_supported(x: Tensor) -> bool:
+def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
+    # grouped_mm needs 16-byte aligned row strides for the input, weight and output.
+    if any(dim * x.element_size() % 16 for dim in w.shape[1:]) or not x.is_contiguous():
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # grouped_mm's meta kernel (used while tracing) accepts only bf16
     if x.device.type == "cpu":
         return True
     if x.device.type == "cuda":
@@ -41,9 +46,9 @@ def grouped_matmul(x_PD: Tensor, w_EOD: Tensor, offsets_E: Tensor) -> Tensor:
     Every row of x must belong to a group (offsets[-1] == P): grouped_mm leaves rows past the
     last offset uninitialised.
     """
-    if _grouped_mm_supported(x_PD):
+    if _grouped_mm_supported(x_PD, w_EOD):
         return F.grouped_mm(x_PD, w_EOD.transpose(-2, -1), offs=offsets_E)
-    # Fallback (e.g. float32 on CUDA): one matmul per expert. unbind() once, not w[e] in the loop,
+    # Fallback (float32 on CUDA, odd widths): one matmul per expert. unbind() once, not w[e] in the loop,
     # so autograd does not build a full-size zero gradient for every expert slice.
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     pieces = [x_e @ w_e.t() for x_e, w_e in zip(x_PD.split(counts), w_EOD.unbind(0), strict=True)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,23 @@ from moekit.layers.routers import (
     load_balancing_loss,
     router_z_loss,
 )
+
+
+class TokenDispatcher(Protocol):
+    """Where the routed experts of a token-choice `MoE` run, when not on this device.
+
+    `token_choice` replaces the local capacity -> sort -> experts -> combine path and returns
+    (out_TD, expert_counts_E, dropped_tokens, nested_aux_loss); `balancing_losses` returns the
+    enabled balancing losses (unweighted, by name) computed over every token the dispatcher serves.
+    """
+
+    def token_choice(
+        self, moe: MoE, x_TD: Tensor, routing: Routing
+    ) -> tuple[Tensor, Tensor, int, Tensor | None]:
+        ...
+
+    def balancing_losses(self, moe: MoE, routing: Routing, input_shape: torch.Size) -> dict[str, Tensor]:
+        ...
 
 
 @dataclass
@@ -86,6 +104,9 @@ class MoE(nn.Module):
                 config.num_experts, config.d_model, config.d_ff, config.expert_type,
                 config.activation, config.expert_bias,
             )
+        # None: the experts run here. `moekit.distributed.parallelize_experts` installs an
+        # expert-parallel dispatcher (a plain object, not a module: it holds process groups).
+        self.dispatcher: TokenDispatcher | None = None
         self.shared_experts = None
         self.shared_gate = None
         if config.num_shared_experts > 0:
@@ -141,6 +162,8 @@ class MoE(nn.Module):
     # --- expert computation -------------------------------------------------------------------
 
     def _experts_token_choice(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, int, Tensor | None]:
+        if self.dispatcher is not None:
+            return self.dispatcher.token_choice(self, x_TD, routing)
         cfg, E = self.config, self.config.num_experts
         weights_TK, ids_TK = routing.weights, routing.ids
         capacity = cfg.expert_capacity(x_TD.shape[0])
@@ -222,6 +245,19 @@ class MoE(nn.Module):
     # --- balancing ----------------------------------------------------------------------------
 
     def _balancing_losses(self, routing: Routing, input_shape: torch.Size) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.config
+        if self.dispatcher is not None:  # statistics over every token the dispatcher serves
+            losses = self.dispatcher.balancing_losses(self, routing, input_shape)
+        else:
+            losses = self._local_balancing_losses(routing, input_shape)
+
+        coefs = {"aux_loss": cfg.aux_loss_coef, "seq_aux_loss": cfg.seq_aux_loss_coef, "z_loss": cfg.z_loss_coef}
+        aux_loss = routing.logits_TE.new_zeros(())
+        for name, value in losses.items():
+            aux_loss = aux_loss + coefs[name] * value
+        return aux_loss, losses
+
+    def _local_balancing_losses(self, routing: Routing, input_shape: torch.Size) -> dict[str, Tensor]:
         cfg, E = self.config, self.config.num_experts
         losses: dict[str, Tensor] = {}
         if cfg.aux_loss_coef > 0 or cfg.seq_aux_loss_coef > 0:
@@ -244,12 +280,7 @@ class MoE(nn.Module):
                 losses["seq_aux_loss"] = load_balancing_loss(routing.probs_TE, counts_BE)
         if cfg.z_loss_coef > 0:
             losses["z_loss"] = router_z_loss(routing.logits_TE)
-
-        coefs = {"aux_loss": cfg.aux_loss_coef, "seq_aux_loss": cfg.seq_aux_loss_coef, "z_loss": cfg.z_loss_coef}
-        aux_loss = routing.logits_TE.new_zeros(())
-        for name, value in losses.items():
-            aux_loss = aux_loss + coefs[name] * value
-        return aux_loss, losses
+        return losses
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
