@@ -24,6 +24,9 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("train", "mtl"): "moekit.commands.train_mtl",
     ("checkpoint", "merge"): "moekit.commands.checkpoint_merge",
     ("checkpoint", "reshard"): "moekit.commands.checkpoint_reshard",
+    ("train", "two-tower"): "moekit.commands.train_two_tower",
+    ("retrieve",): "moekit.commands.retrieve",
+    ("train", "dqn"): "moekit.commands.train_dqn",
 }
 
 # Group help for commands that only hold subcommands.

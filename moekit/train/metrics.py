@@ -42,3 +42,45 @@ def ranking_metrics(ranks: torch.Tensor | np.ndarray, ks: Iterable[int] = (5, 10
         out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2), 0.0).mean().item()
         out[f"MRR@{k}"] = torch.where(hit, 1.0 / (ranks + 1), 0.0).mean().item()
     return out
+
+
+def top_k_excluding(scores_NI: torch.Tensor, k: int, exclude_NI: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, k) indices of each row's k best scores, skipping the items where `exclude_NI` is True
+    (e.g. a user's history). Raises if a row has fewer than k allowed items."""
+    if exclude_NI is not None:
+        if exclude_NI.shape != scores_NI.shape:
+            raise ValueError(
+                f"exclude mask shape {tuple(exclude_NI.shape)} != scores shape {tuple(scores_NI.shape)}"
+            )
+        allowed = (~exclude_NI).sum(dim=1).min().item() if exclude_NI.numel() else scores_NI.shape[1]
+        if allowed < k:
+            raise ValueError(f"k={k} but a row has only {allowed} items left after exclusion")
+        scores_NI = scores_NI.masked_fill(exclude_NI, float("-inf"))
+    return scores_NI.topk(k, dim=1).indices
+
+
+def recall_hit_at_k(topk_NK, targets, ks: Iterable[int] = (10, 20, 50, 100)) -> dict[str, float]:
+    """Recall@K = |top-K ∩ targets| / |targets| and Hit@K = 1[top-K ∩ targets non-empty], averaged
+    over rows (rows with no target are skipped). `targets`: an (N,) array (one item per row) or a
+    sequence of N collections of items. With a
+    single target per row (leave-last-out) the two coincide."""
+    topk_NK = np.asarray(topk_NK)
+    if isinstance(targets, (np.ndarray, torch.Tensor)) and targets.ndim == 1:
+        targets = [[t] for t in targets.tolist()]
+    if len(targets) != len(topk_NK):
+        raise ValueError(f"{len(topk_NK)} ranked lists but {len(targets)} target sets")
+    out: dict[str, float] = {}
+    for k in ks:
+        if k > topk_NK.shape[1]:
+            raise ValueError(f"K={k} exceeds the {topk_NK.shape[1]} ranked items given")
+        recall, hit = [], []
+        for row, target in zip(topk_NK[:, :k], targets, strict=True):
+            target = set(np.asarray(target).tolist())
+            if not target:
+                continue
+            found = len(target.intersection(row.tolist()))
+            recall.append(found / len(target))
+            hit.append(float(found > 0))
+        out[f"Recall@{k}"] = float(np.mean(recall)) if recall else float("nan")
+        out[f"Hit@{k}"] = float(np.mean(hit)) if hit else float("nan")
+    return out
