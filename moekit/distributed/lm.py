@@ -8,7 +8,7 @@ what changes when the experts are spread over ranks:
   the gradient norm for clipping sums the expert shards' squares over the expert-parallel group,
   so every rank clips by the same factor as one device would;
 - checkpoints are `moekit.distributed.checkpoint` folders (each rank's experts apart) under
-  `<out_dir>/checkpoints/ep_step_XXXXXXX`; resume needs the same P (re-shard otherwise);
+  `<out_dir>/checkpoints/ep_step_<7-digit step>`; resume needs the same P (re-shard otherwise);
 - only global rank 0 writes logs, plots and results.
 With the default gloo on CPU (nccl on CUDA, one GPU per local rank).
 """
