@@ -1,9 +1,10 @@
 """Training a (MoE) transformer language model: `train_lm(config) -> LMResults`.
 
-The pieces are separate functions so a distributed wrapper can slot in between them:
-`build_data` -> `build_model` -> (`parallelize`, e.g. expert parallelism) -> `build_optimizer` ->
+The pieces are separate functions: `build_data` -> `build_model` -> `build_optimizer` ->
 `train_step` in a loop, with `evaluate` and checkpoints around it. Nothing here touches process
-groups: `moekit.distributed` adds them through `parallelize`.
+groups: what changes with several processes (which rows of a batch are this rank's, gradient
+sync and clipping, checkpoint format, who writes files) is a `Parallelism` passed to `train_lm`;
+`moekit.distributed.lm.ExpertParallel` is the expert-parallel one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import time
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -272,6 +273,32 @@ class StepResult:
     dropped_tokens: dict[int, int]
 
 
+@dataclass
+class Accumulated:
+    """What `forward_backward` gathered over the micro-batches of one optimizer step."""
+    losses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    """Per micro-batch (loss, lm_loss, aux_loss), detached."""
+    expert_counts: dict[int, torch.Tensor]
+    dropped_tokens: dict[int, int]
+
+
+def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     autocast=nullcontext) -> Accumulated:
+    """Forward and backward over the micro-batches, each loss scaled by 1/len(batches) (accumulation)."""
+    losses = []
+    counts: dict[int, torch.Tensor] = {}
+    dropped: dict[int, int] = {}
+    for x, y in batches:
+        with autocast():
+            _, out = model(x, y)
+        (out.loss / len(batches)).backward()
+        losses.append((out.loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()))
+        for layer, c in out.expert_counts.items():
+            counts[layer] = counts[layer] + c if layer in counts else c.detach().clone()
+            dropped[layer] = dropped.get(layer, 0) + out.dropped_tokens[layer]
+    return Accumulated(losses, counts, dropped)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], grad_clip: float,
                autocast=nullcontext, step: int = 0, checkpoint_hint: str = "") -> StepResult:
@@ -280,30 +307,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     The loss is checked before the optimizer step, so a NaN never reaches the weights.
     """
     batches = list(batches)
-    loss_sum = lm_sum = aux_sum = 0.0
+    acc = forward_backward(model, batches, autocast)
     total = None
-    counts: dict[int, torch.Tensor] = {}
-    dropped: dict[int, int] = {}
-    for x, y in batches:
-        with autocast():
-            _, out = model(x, y)
-        (out.loss / len(batches)).backward()
-        detached = out.loss.detach()
-        total = detached if total is None else total + detached
-        lm_sum += out.lm_loss.item()
-        aux_sum += float(out.aux_loss.detach())
-        for layer, c in out.expert_counts.items():
-            counts[layer] = counts[layer] + c if layer in counts else c.detach().clone()
-            dropped[layer] = dropped.get(layer, 0) + out.dropped_tokens[layer]
-    loss_sum = float(total) / len(batches)
+    lm_sum = aux_sum = 0.0
+    for loss, lm_loss, aux_loss in acc.losses:
+        total = loss if total is None else total + loss
+        lm_sum += lm_loss.item()
+        aux_sum += float(aux_loss)
+    n = len(batches)
+    loss_sum = float(total) / n
     check_finite(total, step, checkpoint_hint)
     grad_norm = 0.0
     if grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n = len(batches)
-    return StepResult(loss_sum, lm_sum / n, aux_sum / n, grad_norm, counts, dropped)
+    return StepResult(loss_sum, lm_sum / n, aux_sum / n, grad_norm, acc.expert_counts, acc.dropped_tokens)
 
 
 @torch.no_grad()
@@ -413,29 +432,91 @@ class RunLogger:
 # --- the loop -------------------------------------------------------------------------------
 
 
+class Parallelism:
+    """How `train_lm` runs across processes; this base class is one process on one device.
+
+    `moekit.distributed.lm.ExpertParallel` overrides these methods; the loop itself (schedule,
+    data order, evaluation, logging, resume) is the same for both, so a multi-process run sees the
+    batches and takes the steps of the single-process one.
+    """
+
+    is_main_process = True
+    """Only the main process writes config, logs, plots and results (every process trains and evaluates);
+    read after `setup`."""
+
+    def setup(self, config: LMTrainConfig) -> torch.device:
+        """Check the config, start whatever the processes need; returns this process's device."""
+        return resolve_device(config.device)
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (the main one tokenizes the data before the others read it)."""
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Wrap the built model, before the optimizer sees its parameters."""
+        return model
+
+    def attach_expert_bias_updates(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        attach_expert_bias_updates(model, optimizer)  # loss-free balancing: a no-op without bias_update_rate
+
+    def local_rows(self, batch_BT: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a global batch (every process draws the same global batch)."""
+        return batch_BT
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float, autocast=nullcontext,
+                   step: int = 0, checkpoint_hint: str = "") -> StepResult:
+        """One optimizer step; losses and the clipped gradient norm are those of the global batch."""
+        return train_step(model, optimizer, batches, grad_clip, autocast, step, checkpoint_hint)
+
+    def find_checkpoint(self, ckpt_root: Path) -> Path:
+        return find_checkpoint(ckpt_root)
+
+    def save_checkpoint(self, ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict, tensors: dict[str, torch.Tensor], files: dict, keep: int) -> Path:
+        """Save the model, optimizer, JSON `state` (with "tokens"), RNG `tensors` and `files`; returns the folder."""
+        return save_checkpoint(ckpt_root, step, model, optimizer, state, tensors, files, keep)
+
+    def load_checkpoint(self, ckpt: Path, model: nn.Module,
+                        optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Load the weights and optimizer; returns (state with "step" and "tokens", RNG tensors)."""
+        load_model_weights(ckpt, model)
+        return load_trainer_state(ckpt, optimizer)
+
+    def results_extra(self) -> dict:
+        """Extra keys for results.json."""
+        return {}
+
+
 def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
-             parallelize: Callable[[nn.Module], nn.Module] | None = None) -> LMResults:
+             parallelism: Parallelism | None = None) -> LMResults:
     """Train (or, with `resume`, continue) a language model as `config` says; returns its results.
 
     `stop_at_step` ends the session early (after saving a checkpoint) without changing the
-    schedule, so a later `resume=True` continues exactly. `parallelize` wraps the model after it
-    is built and before the optimizer sees its parameters (the place for expert parallelism).
+    schedule, so a later `resume=True` continues exactly. `parallelism` says how the run spreads
+    over processes (default: one process); call on every process.
     """
+    par = parallelism or Parallelism()
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    device = par.setup(config)
+    main = par.is_main_process
     generator = seed_everything(config.seed)  # the data order: random windows drawn from this
-    data = build_data(config)
+    if main:  # the main process tokenizes into the cache; the others then open it
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data = build_data(config)
+    par.barrier()
+    if not main:
+        data = build_data(config)
     if data.tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"the {data.tokenizer.kind} tokenizer has {data.tokenizer.vocab_size} ids but "
                          f"model.vocab_size={config.model.vocab_size}; set model.vocab_size to at least that")
     model = build_model(config.model, device)
-    if parallelize is not None:
-        model = parallelize(model)
+    # Of the whole model, before parallelize may shard its experts.
+    params = model.num_parameters() if isinstance(model, Transformer) else {}
+    model = par.parallelize(model)
     optimizer = build_optimizer(model, config)
-    attach_expert_bias_updates(model, optimizer)  # loss-free balancing: a no-op without bias_update_rate
+    par.attach_expert_bias_updates(model, optimizer)
     autocast = lambda: autocast_context(device, config.dtype)  # noqa: E731
 
     config_json = config.to_dict()
@@ -445,10 +526,9 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
     resume_step = None
     last_ckpt = ["(none saved yet)"]
     if resume:
-        ckpt = find_checkpoint(ckpt_root)
+        ckpt = par.find_checkpoint(ckpt_root)
         _check_same_config(ckpt / "config.json", config_json)
-        load_model_weights(ckpt, model)
-        state, tensors = load_trainer_state(ckpt, optimizer)
+        state, tensors = par.load_checkpoint(ckpt, model, optimizer)
         torch.set_rng_state(tensors["rng.torch"])
         generator.set_state(tensors["rng.data"])
         if device.type == "cuda" and "rng.cuda" in tensors:
@@ -456,10 +536,10 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
         step, tokens = state["step"], state["tokens"]
         resume_step = step
         last_ckpt[0] = str(ckpt)
-    else:
+    elif main:
         atomic_write_json(out_dir / "config.json", config_json)
         (out_dir / "tokenizer.json").write_bytes(tokenizer_bytes)
-    logger = RunLogger(out_dir, resume_step, config.tensorboard)
+    logger = RunLogger(out_dir, resume_step, config.tensorboard) if main else None
 
     def checkpoint() -> None:
         tensors = {"rng.torch": torch.get_rng_state(), "rng.data": generator.get_state()}
@@ -469,18 +549,17 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
                     "min_lr_ratio": config.min_lr_ratio}
         state = {"tokens": tokens, "schedule": schedule,
                  "data_position": "rng.data holds the window sampler's state after this step"}
-        last_ckpt[0] = str(save_checkpoint(ckpt_root, step, model, optimizer, state, tensors,
-                                           {"config.json": config_json, "tokenizer.json": tokenizer_bytes},
-                                           config.keep_checkpoints))
+        last_ckpt[0] = str(par.save_checkpoint(ckpt_root, step, model, optimizer, state, tensors,
+                                               {"config.json": config_json, "tokenizer.json": tokenizer_bytes},
+                                               config.keep_checkpoints))
 
     total_steps = config.total_steps
     end_step = min(total_steps, stop_at_step) if stop_at_step is not None else total_steps
-    params = model.num_parameters() if isinstance(model, Transformer) else {}
     train_seconds, session_tokens = 0.0, 0
     started = time.perf_counter()
     load_counts: dict[int, torch.Tensor] = {}
     load_dropped: dict[int, int] = {}
-    bar = _progress(config.progress, step, total_steps)
+    bar = _progress(config.progress and main, step, total_steps)
     model.train()
     try:
         while step < end_step:
@@ -488,10 +567,12 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            batches = [tuple(t.to(device) for t in data.get_batch("train", config.batch_size,
-                                                                  config.model.block_size, generator))
+            batches = [tuple(par.local_rows(t).to(device)
+                             for t in data.get_batch("train", config.batch_size, config.model.block_size,
+                                                     generator))
                        for _ in range(config.grad_accum)]
-            result = train_step(model, optimizer, batches, config.grad_clip, autocast, step + 1, last_ckpt[0])
+            result = par.train_step(model, optimizer, batches, config.grad_clip, autocast, step + 1,
+                                    last_ckpt[0])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - t0
@@ -507,10 +588,12 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
 
             val_loss = None
             if step % config.eval_interval == 0 or step == total_steps:
+                # Every process evaluates the same windows (expert parallelism needs all of them in a forward).
                 val_loss, _ = evaluate(model, data, config.model.block_size, config.batch_size,
                                        config.eval_tokens, autocast)
-                bar.write(f"step {step}: train loss {result.lm_loss:.4f}, val loss {val_loss:.4f}")
-            if step % config.log_interval == 0 or val_loss is not None or step == end_step:
+                if main:
+                    bar.write(f"step {step}: train loss {result.lm_loss:.4f}, val loss {val_loss:.4f}")
+            if main and (step % config.log_interval == 0 or val_loss is not None or step == end_step):
                 logger.log({"step": step, "tokens": tokens, "lr": lr, "loss": result.loss,
                             "lm_loss": result.lm_loss, "aux_loss": result.aux_loss,
                             "grad_norm": result.grad_norm, "val_loss": "" if val_loss is None else val_loss,
@@ -523,7 +606,8 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
                 checkpoint()
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
 
     final_loss, scored = evaluate(model, data, config.model.block_size, config.batch_size,
                                   config.final_eval_tokens, autocast)
@@ -532,11 +616,13 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
         val_bits_per_byte=bits_per_byte(final_loss, scored, data),
         train_tokens_per_s=session_tokens / max(train_seconds, 1e-9),
         peak_memory_mb=peak_memory_mb(device), parameters=params, train_seconds=train_seconds,
-        history=logger.metrics,
+        history=logger.metrics if logger is not None else [],
     )
-    summary = {k: v for k, v in asdict(results).items() if k != "history"}
-    atomic_write_json(out_dir / "results.json", summary)
-    _save_plots(out_dir, logger)
+    if main:
+        summary = {k: v for k, v in asdict(results).items() if k != "history"}
+        atomic_write_json(out_dir / "results.json", dict(summary, **par.results_extra()))
+        _save_plots(out_dir, logger)
+    par.barrier()
     return results
 
 
