@@ -151,7 +151,7 @@ class ExpertParallel(Parallelism):
 
     def save_checkpoint(self, ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict, tensors: dict[str, torch.Tensor], files: dict, keep: int) -> Path:
-        """A `moekit.distributed.checkpoint` folder `ep_step_XXXXXXX` (collective); `LATEST` names it.
+        """A `moekit.distributed.checkpoint` folder `ep_step_<7-digit step>` (collective); `LATEST` names it.
 
         The CUDA RNG state differs per rank and is not kept (rank 0 writes the RNG tensors).
         """
