@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.data.census import load_census_income  # noqa: E402
+from moekit.models.multitask import MultiTaskOptions  # noqa: E402
 from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.train.mtl import MTLTrainConfig, fit_one, gate_table, plot_gate_heatmap  # noqa: E402
 
@@ -49,8 +50,8 @@ def base_config(args) -> MTLTrainConfig:
     # One architecture size for every library (see the protocol section of the report).
     return MTLTrainConfig(
         data_dir=args.data_dir, epochs=args.epochs, patience=args.patience, batch_size=1024, lr=args.lr,
-        embed_dim=4, num_experts=8, expert_hidden=32, expert_dim=16, tower_widths=(16,),
-        num_specific_experts=2, num_shared_experts=4, num_levels=2, bottom_widths=(64, 16),
+        model=MultiTaskOptions(embed_dim=4, num_experts=8, expert_hidden=32, expert_dim=16, tower_widths=(16,),
+                               num_specific_experts=2, num_shared_experts=4, num_levels=2, bottom_widths=(64, 16)),
         threads=1, progress=False,
     )
 
@@ -75,18 +76,19 @@ def rechub_run(model_name: str, data, cfg: MTLTrainConfig, seed: int, log) -> di
     torch.manual_seed(seed)
     np.random.seed(seed)
     # New feature objects per run: torch-rechub caches the nn.Embedding on the feature object.
-    features = [SparseFeature(f.name, vocab_size=f.vocab_size, embed_dim=cfg.embed_dim)
+    features = [SparseFeature(f.name, vocab_size=f.vocab_size, embed_dim=cfg.model.embed_dim)
                 for f in spec.categorical]
     features += [DenseFeature(f.name) for f in spec.numeric]
-    expert = {"dims": [cfg.expert_hidden, cfg.expert_dim]}
-    towers = [{"dims": list(cfg.tower_widths)} for _ in data.tasks]
+    expert = {"dims": [cfg.model.expert_hidden, cfg.model.expert_dim]}
+    towers = [{"dims": list(cfg.model.tower_widths)} for _ in data.tasks]
     types = ["classification"] * len(data.tasks)
     if model_name == "mmoe":
-        model = MMOE(features, types, n_expert=cfg.num_experts, expert_params=expert,
+        model = MMOE(features, types, n_expert=cfg.model.num_experts, expert_params=expert,
                      tower_params_list=towers)
     else:
-        model = PLE(features, types, n_level=cfg.num_levels, n_expert_specific=cfg.num_specific_experts,
-                    n_expert_shared=cfg.num_shared_experts, expert_params=expert, tower_params_list=towers)
+        model = PLE(features, types, n_level=cfg.model.num_levels,
+                    n_expert_specific=cfg.model.num_specific_experts,
+                    n_expert_shared=cfg.model.num_shared_experts, expert_params=expert, tower_params_list=towers)
     x_train, y_train = as_dict(data.train)
     x_val, y_val = as_dict(data.valid)
     x_test, y_test = as_dict(data.test)
@@ -251,7 +253,8 @@ def main() -> int:
                 if any(r["seed"] == seed for r in runs):
                     continue
                 start = time.perf_counter()
-                _, run = fit_one(replace(cfg, model=name, group=group), data, seed, quiet)
+                run_cfg = replace(cfg, model=replace(cfg.model, architecture=name), group=group)
+                _, run = fit_one(run_cfg, data, seed, quiet)
                 run["seconds"] = time.perf_counter() - start
                 runs.append(run)
                 log(f"group {group} moekit {name} seed {seed}: test AUC "

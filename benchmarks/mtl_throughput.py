@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.data.census import load_census_income  # noqa: E402
-from moekit.models.multitask import MultiTaskModel  # noqa: E402
+from moekit.models.multitask import MultiTaskModel, MultiTaskOptions  # noqa: E402
 from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.train.mtl import MTLTrainConfig, make_adam, train_epoch  # noqa: E402
 from moekit.train.reproducibility import seed_everything  # noqa: E402
@@ -52,7 +52,7 @@ def timed(n: int, run_epoch) -> float:
 
 def moekit_trainer(model: str, data):
     """One training epoch of moekit's loop (`train_epoch`: device tensors, index batches, fused experts)."""
-    cfg = MTLTrainConfig(model=model, batch_size=BATCH, lr=1e-3, **SIZES)
+    cfg = MTLTrainConfig(model=MultiTaskOptions(architecture=model, **SIZES), batch_size=BATCH, lr=1e-3)
     generator = seed_everything(0)
     net = MultiTaskModel(cfg.model_config(data.spec, tuple(data.tasks)))
     optimizer = make_adam(net.parameters(), cfg.lr)

@@ -117,6 +117,7 @@ def run_language_models(cfg: DemoConfig, run_dir: Path) -> dict:
 
 def run_multitask(cfg: DemoConfig, run_dir: Path) -> dict:
     from moekit.data.census import load_census_income
+    from moekit.models.multitask import MultiTaskOptions
     from moekit.train.mtl import MTLTrainConfig, plot_gate_heatmap, train_mtl
 
     census_dir = run_dir / "data" / "census-income"
@@ -131,8 +132,9 @@ def run_multitask(cfg: DemoConfig, run_dir: Path) -> dict:
     results, panels = {}, {}
     for model in ("shared_bottom", "mmoe"):
         print(f"\n== multi-task ranking: {model} ==")
-        mtl_cfg = MTLTrainConfig(model=model, seed=cfg.seed, epochs=3 if cfg.quick else 25, patience=5,
-                                 batch_size=256, lr=3e-3, progress=cfg.progress, threads=cfg.threads)
+        mtl_cfg = MTLTrainConfig(model=MultiTaskOptions(architecture=model), seed=cfg.seed,
+                                 epochs=3 if cfg.quick else 25, patience=5, batch_size=256, lr=3e-3,
+                                 progress=cfg.progress, threads=cfg.threads)
         out = train_mtl(mtl_cfg, data=data)
         results[model] = {"test_auc": out["runs"][0]["test_auc"], "protocol": out["protocol"],
                           "rows": out["rows"]}

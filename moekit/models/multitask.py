@@ -21,7 +21,7 @@ Shape suffixes: N rows, D input width, C categorical features, F numeric feature
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -219,13 +219,10 @@ class CGCLevel(nn.Module):
 
 
 @dataclass
-class MultiTaskConfig:
-    """Architecture of a multi-task model. `vocab_sizes`/`num_numeric` come from a FeatureSpec."""
+class MultiTaskOptions:
+    """Architecture and sizes of a multi-task model, without the parts that come from the data
+    (features, tasks): what a training config or a CLI holds before the data is loaded."""
 
-    vocab_sizes: tuple[int, ...]
-    num_numeric: int
-    tasks: tuple[str, ...] = ("task0", "task1")
-    task_types: tuple[str, ...] | None = None  # default: every task binary
     architecture: str = "mmoe"
     embed_dim: int = 4  # census features have 3-53 values each: a few dimensions suffice
     # Off by default: on Census-Income it cost ~0.005 income AUC (it rescales rare-category embeddings).
@@ -249,14 +246,45 @@ class MultiTaskConfig:
     tower_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        self.vocab_sizes = tuple(int(v) for v in self.vocab_sizes)
-        self.tasks = tuple(self.tasks)
-        self.task_types = tuple(self.task_types or ("binary",) * len(self.tasks))
         self.bottom_widths, self.tower_widths = tuple(self.bottom_widths), tuple(self.tower_widths)
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.architecture in ("omoe", "mmoe") and self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.architecture == "ple":
+            if self.num_shared_experts < 1:
+                raise ValueError(f"PLE needs num_shared_experts >= 1, got {self.num_shared_experts}")
+            if self.num_specific_experts < 0 or self.num_levels < 1:
+                raise ValueError(f"PLE needs num_specific_experts >= 0 and num_levels >= 1 (got "
+                                 f"{self.num_specific_experts}, {self.num_levels})")
+        if self.architecture == "shared_bottom" and not self.bottom_widths:
+            raise ValueError("shared_bottom needs at least one bottom width")
+
+
+@dataclass(kw_only=True)
+class MultiTaskConfig(MultiTaskOptions):
+    """Architecture of a multi-task model: the options plus `vocab_sizes`/`num_numeric` (from a
+    FeatureSpec) and the tasks. Keyword-only, so the inherited defaults can come first."""
+
+    vocab_sizes: tuple[int, ...]
+    num_numeric: int
+    tasks: tuple[str, ...] = ("task0", "task1")
+    task_types: tuple[str, ...] | None = None  # default: every task binary
+
+    @classmethod
+    def from_options(cls, options: MultiTaskOptions, vocab_sizes: tuple[int, ...], num_numeric: int,
+                     tasks: tuple[str, ...], task_types: tuple[str, ...] | None = None) -> MultiTaskConfig:
+        values = {f.name: getattr(options, f.name) for f in fields(MultiTaskOptions)}
+        return cls(vocab_sizes=vocab_sizes, num_numeric=num_numeric, tasks=tasks, task_types=task_types,
+                   **values)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.vocab_sizes = tuple(int(v) for v in self.vocab_sizes)
+        self.tasks = tuple(self.tasks)
+        self.task_types = tuple(self.task_types or ("binary",) * len(self.tasks))
         if len(self.tasks) < 1 or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be one or more distinct names, got {self.tasks}")
         if len(self.task_types) != len(self.tasks):
@@ -269,16 +297,6 @@ class MultiTaskConfig:
                              f"{self.num_numeric})")
         if not self.vocab_sizes and self.num_numeric == 0:
             raise ValueError("the model needs at least one feature")
-        if self.architecture in ("omoe", "mmoe") and self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if self.architecture == "ple":
-            if self.num_shared_experts < 1:
-                raise ValueError(f"PLE needs num_shared_experts >= 1, got {self.num_shared_experts}")
-            if self.num_specific_experts < 0 or self.num_levels < 1:
-                raise ValueError(f"PLE needs num_specific_experts >= 0 and num_levels >= 1 (got "
-                                 f"{self.num_specific_experts}, {self.num_levels})")
-        if self.architecture == "shared_bottom" and not self.bottom_widths:
-            raise ValueError("shared_bottom needs at least one bottom width")
 
 
 @dataclass

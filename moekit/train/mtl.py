@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.data.tabular import FeatureSpec, TabularBatch
-from moekit.models.multitask import MultiTaskConfig, MultiTaskModel
+from moekit.models.multitask import MultiTaskConfig, MultiTaskModel, MultiTaskOptions
 from moekit.train.io import atomic_write_json, load_tensors, save_tensors
 from moekit.train.metrics import roc_auc
 from moekit.train.reproducibility import check_finite, seed_everything
@@ -36,12 +36,13 @@ DATASETS = ("census-income",)
 
 @dataclass
 class MTLTrainConfig:
-    """Everything one `moekit train mtl` run needs. Model fields mirror MultiTaskConfig."""
+    """Everything one `moekit train mtl` run needs; `model` is the architecture and its sizes
+    (the features and tasks are filled in from the data by `model_config`)."""
 
     dataset: str = "census-income"
     data_dir: str | None = None
     group: int = 1
-    model: str = "mmoe"
+    model: MultiTaskOptions = field(default_factory=MultiTaskOptions)
     seed: int = 0
     seeds: int = 1  # runs seed, seed + 1, ..., reported as mean +- std
     split_seed: int = 0  # fixed split: seeds vary only the model's initialisation and batch order
@@ -54,23 +55,6 @@ class MTLTrainConfig:
     patience: int = 3  # epochs without a better mean validation AUC before stopping
     loss_weighting: str = "fixed"
     task_weights: tuple[float, ...] | None = None  # fixed weights; default 1 per task
-    # Model.
-    embed_dim: int = 4
-    input_batchnorm: bool = False
-    input_dropout: float = 0.0
-    num_experts: int = 8
-    expert_hidden: int = 64
-    expert_dim: int = 32
-    expert_dropout: float = 0.0
-    residual_experts: bool = False
-    expert_batchnorm: bool = False
-    gate: str = "softmax"
-    num_specific_experts: int = 2
-    num_shared_experts: int = 4
-    num_levels: int = 2
-    bottom_widths: tuple[int, ...] = (128, 64)
-    tower_widths: tuple[int, ...] = (32,)
-    tower_dropout: float = 0.0
     # Running.
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
@@ -85,7 +69,7 @@ class MTLTrainConfig:
         for name in ("seeds", "epochs", "batch_size", "eval_batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2 and self.input_batchnorm:
+        if self.batch_size < 2 and self.model.input_batchnorm:
             raise ValueError("batch_size must be >= 2 with input_batchnorm (BatchNorm needs 2 rows)")
         if not (self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -93,9 +77,7 @@ class MTLTrainConfig:
             raise ValueError(f"max_rows must be >= 8 to leave rows in every split, got {self.max_rows}")
 
     def model_config(self, spec: FeatureSpec, tasks: tuple[str, ...]) -> MultiTaskConfig:
-        shared = {f.name for f in fields(MultiTaskConfig)} & {f.name for f in fields(self)}
-        return MultiTaskConfig(vocab_sizes=spec.vocab_sizes, num_numeric=spec.num_numeric, tasks=tasks,
-                               architecture=self.model, **{k: getattr(self, k) for k in shared})
+        return MultiTaskConfig.from_options(self.model, spec.vocab_sizes, spec.num_numeric, tasks)
 
 
 class UncertaintyWeighting(nn.Module):
@@ -288,20 +270,20 @@ def train_mtl(cfg: MTLTrainConfig, data=None, log=print) -> dict:
         "group": data.group,
         "protocol": data.protocol,
         "tasks": list(data.tasks),
-        "model": cfg.model,
+        "model": cfg.model.architecture,
         "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
         "config": asdict(cfg),
         "runs": [],
     }
-    log(f"census-income group {data.group} ({', '.join(data.tasks)}), model {cfg.model}; protocol: "
-        f"{data.protocol}; rows train/valid/test = {len(data.train)}/{len(data.valid)}/{len(data.test)}")
+    log(f"census-income group {data.group} ({', '.join(data.tasks)}), model {cfg.model.architecture}; "
+        f"protocol: {data.protocol}; rows train/valid/test = {len(data.train)}/{len(data.valid)}/{len(data.test)}")
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         log(f"--- seed {seed}")
         model, run = fit_one(cfg, data, seed, log)
         results["runs"].append(run)
         results["summary"] = summarize(results["runs"], data.tasks)
         if out_dir is not None:
-            ckpt = out_dir / f"{cfg.model}-group{data.group}-seed{seed}.safetensors"
+            ckpt = out_dir / f"{cfg.model.architecture}-group{data.group}-seed{seed}.safetensors"
             save_checkpoint(ckpt, model, data.spec)
             run["checkpoint"] = ckpt.name
             atomic_write_json(out_dir / "metrics.json", results)

@@ -12,6 +12,7 @@ import torch
 
 from moekit.cli import main
 from moekit.data.tabular import FeatureSpec
+from moekit.models.multitask import MultiTaskOptions
 from moekit.train.mtl import (
     MTLTrainConfig,
     UncertaintyWeighting,
@@ -39,11 +40,11 @@ def synthetic(n: int = 600, seed: int = 0):
                            spec=spec, tasks=("a", "b"), group=1, protocol="synthetic")
 
 
-def small(**kw) -> MTLTrainConfig:
-    base = dict(epochs=10, patience=10, batch_size=64, lr=1e-2, embed_dim=2, num_experts=3, expert_hidden=8,
-                expert_dim=4, tower_widths=(4,), num_specific_experts=1, num_shared_experts=2, num_levels=1,
-                progress=False)
-    return MTLTrainConfig(**(base | kw))
+def small(model: str = "mmoe", **kw) -> MTLTrainConfig:
+    options = MultiTaskOptions(architecture=model, embed_dim=2, num_experts=3, expert_hidden=8, expert_dim=4,
+                               tower_widths=(4,), num_specific_experts=1, num_shared_experts=2, num_levels=1)
+    base = dict(epochs=10, patience=10, batch_size=64, lr=1e-2, progress=False)
+    return MTLTrainConfig(model=options, **(base | kw))
 
 
 def test_task_losses_match_the_formulas():
