@@ -87,11 +87,11 @@ def _heatmap(names, table, counts, title: str, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="../shared/data", help="folder holding amazon-beauty/ and ml-100k/")
-    p.add_argument("--datasets", nargs="+", default=["ml-100k", "beauty"])
+    p.add_argument("--datasets", nargs="+", default=["beauty", "ml-100k"])
     p.add_argument("--models", nargs="+", default=["sasrec", "fame"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--loss", default="ce", choices=["ce", "bce"])
-    p.add_argument("--epochs", type=int, nargs="+", default=[40, 6],
+    p.add_argument("--epochs", type=int, nargs="+", default=[2, 4],
                    help="epoch cap per dataset (same order as --datasets)")
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
