@@ -36,9 +36,11 @@ METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return out.stdout.strip() + (" (+ uncommitted changes)" if dirty.strip() else "")
+        def git(*a: str) -> str:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout
+
+        out, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
+        return out.strip() + (" (+ uncommitted changes)" if dirty.strip() else "")
     except OSError:
         return "unknown"
 
@@ -135,7 +137,8 @@ def main(argv=None) -> int:
             png = f"seqrec_facets_{dataset}.png"
             _heatmap(names, table, counts, f"FAME head gate by test-target category, {dataset} (seed "
                      f"{args.seeds[0]})", out / png)
-            header = "| category (test targets) | " + " | ".join(f"head {h}" for h in range(table.shape[1])) + " |"
+            heads = " | ".join(f"head {h}" for h in range(table.shape[1]))
+            header = f"| category (test targets) | {heads} |"
             text += ["FAME facets: mean head-gate weight at the test step, grouped by the category of the "
                      f"test target ({'attribute ids' if dataset == 'beauty' else 'genres'}; an item counts "
                      "in each of its categories; the most frequent categories).", "",
@@ -160,8 +163,10 @@ def main(argv=None) -> int:
             f"every position of the training sequence predicting its next item. Seeds {args.seeds}; "
             "mean ± sample std.", "",
             f"Model: max_len {cfg0['max_len']}, hidden {cfg0['hidden']}, {cfg0['num_layers']} layers, "
-            f"{cfg0['num_heads']} heads, dropout {args.dropout}, Adam lr {args.lr}, batch {cfg0['batch_size']}; "
-            f"FAME: {cfg0['num_experts']} query experts per head in the last layer, head gate mixing the heads' "
+            f"{cfg0['num_heads']} heads, dropout {args.dropout}, Adam lr {args.lr}, "
+            f"batch {cfg0['batch_size']}; "
+            f"FAME: {cfg0['num_experts']} query experts per head in the last layer, "
+            "head gate mixing the heads' "
             "softmax distributions.", "",
         ]
         atomic_write_text(out / "seqrec.md", "\n".join(header + sections) + "\n")

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 # (command words) -> module implementing it. Add a line here to add a subcommand.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("info",): "moekit.commands.info",
+    ("train", "seqrec"): "moekit.commands.train_seqrec",
+    ("recommend",): "moekit.commands.recommend",
     # ("bench", "layer"): "moekit.commands.bench_layer",
 }
 

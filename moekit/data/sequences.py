@@ -186,7 +186,8 @@ def sequences_from_ratings(ratings: Ratings, *, min_rating: float | None = None,
     core_keep = k_core(users, items, core)
     users, items, times = users[core_keep], items[core_keep], times[core_keep]
     if len(users) == 0:
-        raise ValueError(f"{name}: no interactions left after min_rating={min_rating} and {core}-core filtering")
+        raise ValueError(f"{name}: no interactions left after min_rating={min_rating} and "
+                         f"{core}-core filtering")
     raw_items = np.unique(items)
     item_ids = np.searchsorted(raw_items, items) + 1
     # Stable sort by (user, timestamp): lexsort is stable, so ties keep file order.
@@ -287,7 +288,8 @@ def leave_one_out(sequences: list[list[int]], min_length: int = 3) -> LeaveOneOu
     """Split every user with at least `min_length` (>= 3) items; shorter users are left out
     (they have no training item)."""
     if min_length < 3:
-        raise ValueError(f"min_length must be >= 3 (one train, one validation, one test item), got {min_length}")
+        raise ValueError(f"min_length must be >= 3 (one train, one validation, one test item), "
+                         f"got {min_length}")
     users = [u for u, s in enumerate(sequences) if len(s) >= min_length]
     if not users:
         raise ValueError(f"no user has at least {min_length} items")

@@ -57,7 +57,8 @@ def mask_history(scores_NI: torch.Tensor, histories: list[list[int]], target_N: 
     return scores_NI
 
 
-def sampled_target_ranks(scores_NI: torch.Tensor, target_N: torch.Tensor, negatives_NC: torch.Tensor) -> torch.Tensor:
+def sampled_target_ranks(scores_NI: torch.Tensor, target_N: torch.Tensor,
+                         negatives_NC: torch.Tensor) -> torch.Tensor:
     """0-based rank of the target among itself and C sampled negatives (the SASRec paper's protocol
     with C = 100), ties counting against the target as in `target_ranks`."""
     candidates_NC1 = torch.cat([target_N.view(-1, 1), negatives_NC], dim=1)

@@ -77,7 +77,8 @@ class SeqRecTrainConfig:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
 
     def model_config(self, num_items: int) -> SASRecConfig:
-        common = dict(num_items=num_items, max_len=self.max_len, hidden=self.hidden, num_layers=self.num_layers,
+        common = dict(num_items=num_items, max_len=self.max_len, hidden=self.hidden,
+                      num_layers=self.num_layers,
                       num_heads=self.num_heads, dropout=self.dropout, attn_dropout=self.attn_dropout)
         if self.model == "fame":
             return FAMEConfig(**common, num_experts=self.num_experts,
@@ -170,7 +171,8 @@ def evaluate(model: SASRec, histories: list[list[int]], targets: np.ndarray, *, 
         if protocol == "full":
             ranks.append(target_ranks(mask_history(scores_BI, hist, target_B), target_B))
         else:
-            ranks.append(sampled_target_ranks(scores_BI, target_B, torch.from_numpy(negatives[lo:lo + batch_size])))
+            negatives_BC = torch.from_numpy(negatives[lo:lo + batch_size])
+            ranks.append(sampled_target_ranks(scores_BI, target_B, negatives_BC))
     ranks_U = torch.cat(ranks)
     return ranking_metrics(ranks_U, ks), ranks_U
 
@@ -201,14 +203,16 @@ def train(cfg: SeqRecTrainConfig, data: SequenceDataset | None = None) -> dict:
     valid_target = split.valid_target[valid_rows]
     valid_neg = test_neg = None
     if cfg.eval_protocol == "sampled":
-        valid_neg = sample_negatives(split.valid_history, split.valid_target, data.num_items, cfg.num_negatives, rng)
-        test_neg = sample_negatives(split.test_history, split.test_target, data.num_items, cfg.num_negatives, rng)
+        n, items = cfg.num_negatives, data.num_items
+        valid_neg = sample_negatives(split.valid_history, split.valid_target, items, n, rng)
+        test_neg = sample_negatives(split.test_history, split.test_target, items, n, rng)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt = out_dir / "model.safetensors" if out_dir else None
 
     best, best_epoch, best_state, history, step = -1.0, 0, None, [], 0
     start_time = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"{cfg.model} {data.name}", unit="epoch", disable=not cfg.progress)
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"{cfg.model} {data.name}", unit="epoch",
+               disable=not cfg.progress)
     for epoch in bar:
         model.train()
         t0 = time.perf_counter()
@@ -289,7 +293,8 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[SASRec, dict]:
     ckpt_dir = Path(ckpt_dir)
     config_path = ckpt_dir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: --ckpt must be the --out folder of `moekit train seqrec`")
+        raise FileNotFoundError(f"{config_path} not found: --ckpt must be the --out folder of "
+                                "`moekit train seqrec`")
     meta = json.loads(config_path.read_text())
     config_cls = FAMEConfig if meta["model"] == "fame" else SASRecConfig
     model = build_model(meta["model"], config_cls(**meta["model_config"]))
@@ -298,7 +303,8 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[SASRec, dict]:
 
 
 @torch.no_grad()
-def recommend(model: SASRec, history: list[int], k: int = 10, exclude_history: bool = True) -> list[tuple[int, float]]:
+def recommend(model: SASRec, history: list[int], k: int = 10,
+              exclude_history: bool = True) -> list[tuple[int, float]]:
     """Top-k (item, score) for the next step after `history` (remapped item ids)."""
     if not history:
         raise ValueError("the user has no history to recommend from")
