@@ -272,12 +272,16 @@ class FAME(SASRec):
         h_BTHK, r_BTHN = self.last(x_BTD, mask_B1TT)
         return h_BTHK.flatten(2), r_BTHN
 
+    def head_gate(self, h_PD: Tensor) -> Tensor:
+        """(P, H) weights of the heads, from all heads' outputs (float32 softmax: sums to one)."""
+        return self.gate(h_PD).float().softmax(-1).to(h_PD.dtype)
+
     def heads(self, h_PD: Tensor, items: Tensor | None = None) -> FAMEOutput:
         """Each head's scores of all items (P, H, I+1), or of `items` (P, H, C), and the head gate."""
         P, D = h_PD.shape
         H = self.config.num_heads
         h_PHK = h_PD.view(P, H, D // H)
-        gate_PH = self.gate(h_PD).float().softmax(-1).to(h_PD.dtype)
+        gate_PH = self.head_gate(h_PD)
         if items is None:
             sub_HIK = torch.einsum("id,hdk->hik", self.item_emb.weight, self.item_proj_HDK)
             head_PHI = torch.einsum("phk,hik->phi", h_PHK, sub_HIK)

@@ -329,7 +329,7 @@ def head_gate_by_category(model: FAME, split: LeaveOneOut, data: SequenceDataset
     for lo in range(0, len(split.test_history), batch_size):
         items_BT = torch.from_numpy(pad_left(split.test_history[lo:lo + batch_size], model.config.max_len))
         h_BD = model(items_BT[:, _trim(items_BT):])[:, -1]
-        gates.append(model.heads(h_BD, items=torch.zeros(len(h_BD), 1, dtype=torch.long)).gate_PH.float())
+        gates.append(model.head_gate(h_BD).float())
     gate_UH = torch.cat(gates).numpy()
     from collections import Counter
 
