@@ -86,6 +86,29 @@ def _heatmap(names, table, counts, title: str, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def run_dataset(args: argparse.Namespace, dataset: str, epochs: int):
+    """Train every model and seed on one dataset: (data summary, {model: [results]}, FAME facets)."""
+    data = load_sequences(dataset, Path(args.data_dir) / dataset_folder(dataset))
+    rows: dict[str, list[dict]] = {}
+    facet = None
+    for model in args.models:
+        for seed in args.seeds:
+            cfg = SeqRecTrainConfig(dataset=dataset, model=model, loss=args.loss, epochs=epochs,
+                                    patience=args.patience, lr=args.lr, dropout=args.dropout,
+                                    attn_dropout=args.dropout, valid_users=args.valid_users,
+                                    threads=args.threads, seed=seed, progress=not args.parallel)
+            result = train(cfg, data)
+            print(f"{dataset} {model} seed {seed}: test HR@10 {result['test']['HR@10']:.4f} "
+                  f"NDCG@10 {result['test']['NDCG@10']:.4f} ({result['epochs_run']} epochs, "
+                  f"best {result['best_epoch']}, {result['train_seconds']:.0f} s)", flush=True)
+            if model == "fame" and facet is None:
+                facet = head_gate_by_category(result["model"], result["split"], data)
+            for key in ("model", "split", "test_ranks"):
+                result.pop(key)
+            rows.setdefault(model, []).append(result)
+    return data.summary(), rows, facet
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="../shared/data", help="folder holding amazon-beauty/ and ml-100k/")
@@ -93,13 +116,14 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["sasrec", "fame"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--loss", default="ce", choices=["ce", "bce"])
-    p.add_argument("--epochs", type=int, nargs="+", default=[2, 4],
+    p.add_argument("--epochs", type=int, nargs="+", default=[2, 3],
                    help="epoch cap per dataset (same order as --datasets)")
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--valid-users", type=int, default=3000)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--parallel", action="store_true", help="one worker process per dataset")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = p.parse_args(argv)
     if len(args.epochs) != len(args.datasets):
@@ -107,29 +131,22 @@ def main(argv=None) -> int:
     out = Path(args.out)
     commit, started = _git_commit(), time.time()
     sections, raw = [], {}
-    for dataset, epochs in zip(args.datasets, args.epochs, strict=True):
-        data = load_sequences(dataset, Path(args.data_dir) / dataset_folder(dataset))
-        rows: dict[str, list[dict]] = {}
-        facet = None
-        for model in args.models:
-            for seed in args.seeds:
-                cfg = SeqRecTrainConfig(dataset=dataset, model=model, loss=args.loss, epochs=epochs,
-                                        patience=args.patience, lr=args.lr, dropout=args.dropout,
-                                        attn_dropout=args.dropout, valid_users=args.valid_users,
-                                        threads=args.threads, seed=seed)
-                result = train(cfg, data)
-                print(f"{dataset} {model} seed {seed}: test HR@10 {result['test']['HR@10']:.4f} "
-                      f"NDCG@10 {result['test']['NDCG@10']:.4f} ({result['epochs_run']} epochs, "
-                      f"best {result['best_epoch']}, {result['train_seconds']:.0f} s)", flush=True)
-                if model == "fame" and facet is None:
-                    facet = head_gate_by_category(result["model"], result["split"], data)
-                for key in ("model", "split", "test_ranks"):
-                    result.pop(key)
-                rows.setdefault(model, []).append(result)
-        raw[dataset] = {"data": data.summary(), "runs": rows}
+    jobs = [(args, dataset, epochs) for dataset, epochs in zip(args.datasets, args.epochs, strict=True)]
+    if args.parallel and len(jobs) > 1:
+        # One worker process per dataset (each with --threads threads): the datasets train side by side.
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+            outcomes = pool.starmap(run_dataset, jobs)
+    else:
+        outcomes = [run_dataset(*job) for job in jobs]
+    for (_, dataset, epochs), (summary, rows, facet) in zip(jobs, outcomes, strict=True):
+        raw[dataset] = {"data": summary, "runs": rows,
+                        "facets": None if facet is None else {"categories": facet[0], "gate": facet[1],
+                                                              "counts": facet[2]}}
         atomic_write_json(out / "seqrec.json", raw)
         published = PUBLISHED_BEAUTY if dataset == "beauty" else []
-        text = [f"### {data.summary()}", "",
+        text = [f"### {summary}", "",
                 f"Epoch cap {epochs}, patience {args.patience}; per run: epochs run (best epoch).", "",
                 _table(rows, published), ""]
         if facet is not None:
@@ -153,7 +170,8 @@ def main(argv=None) -> int:
         header = [
             "# Sequential recommendation: SASRec and FAME", "",
             f"Produced by `python benchmarks/seqrec_results.py {' '.join(argv or sys.argv[1:])}` at commit "
-            f"{commit}, on a shared 2-core CPU (other jobs running; torch threads {args.threads}); "
+            f"{commit}, on a shared 2-core CPU (other jobs running; "
+            f"{len(jobs) if args.parallel else 1} worker process(es), {args.threads} torch thread(s) each); "
             f"{minutes:.0f} min in all.", "",
             "**Protocol.** Leave-one-out: per user the last item is the test target, the second-to-last the "
             "validation target. Full ranking over all items (no sampling), the user's earlier items removed "
