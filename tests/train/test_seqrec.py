@@ -145,3 +145,15 @@ def test_train_config_errors(tmp_path):
         SeqRecTrainConfig(loss="bpr")
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_checkpoint(tmp_path)
+
+
+def test_evaluate_sampled_protocol_equals_a_plain_loop():
+    torch.manual_seed(1)
+    table = torch.randn(9, 9)
+    model = _FixedScores(table)
+    histories, targets = [[1, 2], [3, 4, 5]], np.array([3, 8])
+    negatives = sample_negatives(histories, targets, num_items=8, n=4, rng=np.random.default_rng(0))
+    _, ranks = evaluate(model, histories, targets, protocol="sampled", negatives=negatives)
+    for row, (h, t) in enumerate(zip(histories, targets, strict=True)):
+        s = table[h[-1]]
+        assert ranks[row] == sum(1 for i in negatives[row] if s[i] >= s[t])
