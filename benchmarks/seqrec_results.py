@@ -73,7 +73,7 @@ def _heatmap(names, table, counts, title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * table.shape[1], 0.9 + 0.32 * len(names)))
+    fig, ax = plt.subplots(figsize=(4.2 + 1.1 * table.shape[1], 1.2 + 0.32 * len(names)))
     im = ax.imshow(table, cmap="viridis", aspect="auto")
     ax.set_xticks(range(table.shape[1]), [f"head {h}" for h in range(table.shape[1])])
     ax.set_yticks(range(len(names)), [f"{n} ({c})" for n, c in zip(names, counts, strict=True)])
