@@ -27,6 +27,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("train", "two-tower"): "moekit.commands.train_two_tower",
     ("retrieve",): "moekit.commands.retrieve",
     ("train", "dqn"): "moekit.commands.train_dqn",
+    ("train", "seqrec"): "moekit.commands.train_seqrec",
+    ("recommend",): "moekit.commands.recommend",
 }
 
 # Group help for commands that only hold subcommands.

@@ -84,3 +84,24 @@ def recall_hit_at_k(topk_NK, targets, ks: Iterable[int] = (10, 20, 50, 100)) -> 
         out[f"Recall@{k}"] = float(np.mean(recall)) if recall else float("nan")
         out[f"Hit@{k}"] = float(np.mean(hit)) if hit else float("nan")
     return out
+
+
+def mask_history(scores_NI: torch.Tensor, histories: list[list[int]], target_N: torch.Tensor) -> torch.Tensor:
+    """Set each row's already-seen items to -inf in place (they are not candidates), keeping the
+    row's target a candidate even if it was seen before. Returns `scores_NI`."""
+    if len(histories) != scores_NI.shape[0]:
+        raise ValueError(f"{len(histories)} histories for {scores_NI.shape[0]} score rows")
+    rows = torch.repeat_interleave(torch.arange(len(histories)), torch.tensor([len(h) for h in histories]))
+    cols = torch.tensor([i for h in histories for i in h], dtype=torch.long)
+    target_scores_N = scores_NI.gather(1, target_N.view(-1, 1)).squeeze(1).clone()
+    scores_NI[rows.to(scores_NI.device), cols.to(scores_NI.device)] = float("-inf")
+    scores_NI.scatter_(1, target_N.view(-1, 1), target_scores_N.view(-1, 1))
+    return scores_NI
+
+
+def sampled_target_ranks(scores_NI: torch.Tensor, target_N: torch.Tensor,
+                         negatives_NC: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the target among itself and C sampled negatives (the SASRec paper's protocol
+    with C = 100), ties counting against the target as in `target_ranks`."""
+    candidates_NC1 = torch.cat([target_N.view(-1, 1), negatives_NC], dim=1)
+    return target_ranks(scores_NI.gather(1, candidates_NC1), torch.zeros_like(target_N))
