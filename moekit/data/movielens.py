@@ -1,8 +1,11 @@
 """MovieLens-100K and MovieLens-1M: ratings, movies (title, genres, year) and users (gender, age, occupation).
 
-One loader for both releases. `load_movielens(data_dir, "ml-100k")` reads `u.data`, `u.item`, `u.user`
-(tab / `|` separated); `load_movielens(data_dir, "ml-1m")` reads `ratings.dat`, `movies.dat`,
-`users.dat` (`::` separated). Files may be gzip-compressed (`u.data.gz`). Both are ISO-8859-1.
+The one MovieLens parser in moekit (two-tower retrieval, the DQN simulator and, through
+`moekit.data.sequences`, sequential recommendation all read the files here).
+`load_movielens(data_dir, "ml-100k")` reads `u.data`, `u.item`, `u.user` (tab / `|` separated);
+`load_movielens(data_dir, "ml-1m")` reads `ratings.dat`, `movies.dat`, `users.dat` (`::` separated).
+Files may be gzip-compressed (`u.data.gz`). Both are ISO-8859-1. `movielens_file` finds one file, and
+`read_ratings` / `read_movies` / `read_users` parse one, for callers that need only some of them.
 
 Raw ids are mapped to contiguous 0-based indices: items in the order of the movie file (the whole
 catalogue, rated or not), users in the order of the user file. Ages are put in the seven ML-1M age
@@ -91,7 +94,7 @@ def _fields(path: Path, sep: str, count: int, encoding: str = "latin-1"):
     with open_text(path, encoding=encoding) as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
-            if not line:
+            if not line.strip():
                 continue
             parts = line.split(sep)
             if len(parts) != count:
@@ -102,7 +105,7 @@ def _fields(path: Path, sep: str, count: int, encoding: str = "latin-1"):
 
 
 def read_ratings(path: str | Path) -> np.ndarray:
-    """Raw rating rows as an (N, 4) int64 array: user id, movie id, stars, timestamp.
+    """Raw rating rows in file order as an (N, 4) int64 array: user id, movie id, stars, timestamp.
 
     The format follows the file name: `ratings.dat` is `::` separated, anything else (`u.data`,
     `u1.base`, ...) tab separated."""
@@ -184,12 +187,21 @@ def read_users(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     return as_int(ids), as_int(gender), as_int(age), as_int([lookup[o] for o in occ]), names
 
 
-def load_movielens(data_dir: str | Path | None = None, dataset: str = "ml-100k") -> MovieLens:
-    """Load `dataset` ('ml-100k' or 'ml-1m') from `data_dir` (else $MOEKIT_DATA/<dataset>)."""
+def movielens_file(data_dir: str | Path | None, dataset: str, kind: str) -> Path:
+    """The path of `dataset`'s `kind` file ('ratings', 'movies' or 'users'), plain or `.gz`, in `data_dir`
+    (else $MOEKIT_DATA/<dataset>); a missing file's error names it and the GroupLens download address."""
     if dataset not in FILES:
         raise ValueError(f"unknown MovieLens dataset {dataset!r}; expected one of {', '.join(FILES)}")
-    folder = resolve_data_dir(data_dir, dataset)
-    paths = [find_file(folder, (name, name + ".gz"), dataset, URLS[dataset]) for name in FILES[dataset]]
+    kinds = ("ratings", "movies", "users")
+    if kind not in kinds:
+        raise ValueError(f"unknown MovieLens file kind {kind!r}; expected one of {', '.join(kinds)}")
+    name = FILES[dataset][kinds.index(kind)]
+    return find_file(resolve_data_dir(data_dir, dataset), (name, name + ".gz"), dataset, URLS[dataset])
+
+
+def load_movielens(data_dir: str | Path | None = None, dataset: str = "ml-100k") -> MovieLens:
+    """Load `dataset` ('ml-100k' or 'ml-1m') from `data_dir` (else $MOEKIT_DATA/<dataset>)."""
+    paths = [movielens_file(data_dir, dataset, kind) for kind in ("ratings", "movies", "users")]
     raw = read_ratings(paths[0])
     item_ids, titles, years, genres = read_movies(paths[1])
     user_ids, gender, age, occupation, occupations = read_users(paths[2])

@@ -3,9 +3,8 @@
 Item ids in a `SequenceDataset` run 1..num_items (0 is padding); users and sequences are kept in a
 fixed order, so the same files and options always give the same tensors.
 
-The MovieLens readers (`read_movielens_ratings`, `read_movielens_movies`) are general: they return
-every rating with user, item, rating and timestamp, and every movie with title and genres, for any
-model that wants them (sequential, retrieval, RL).
+MovieLens files are parsed by `moekit.data.movielens` (the one MovieLens parser); this module only
+turns its rows into sequences (min_rating, k-core, chronological order, leave-one-out).
 """
 
 from __future__ import annotations
@@ -18,26 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
+from moekit.data.movielens import GENRES, movielens_file, read_movies, read_ratings
 from moekit.data.paths import find_file, open_text, resolve_data_dir
 
 BEAUTY_URL = "https://github.com/RUCAIBox/CIKM2020-S3Rec/tree/master/data (Beauty.txt)"
-ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-ML1M_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
-ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-)
 DATASETS = ("beauty", "ml-100k", "ml-1m")
 _FOLDERS = {"beauty": "amazon-beauty", "ml-100k": "ml-100k", "ml-1m": "ml-1m"}
 
 
 # ---------------------------------------------------------------------------------------------
-# MovieLens: ratings and movies, as plain arrays and lists
+# Interactions
 
 
 @dataclass
 class Ratings:
-    """One row per rating, in file order. Ids are the dataset's own (1-based for MovieLens)."""
+    """One row per interaction, in file order. Ids are the dataset's own (1-based for MovieLens)."""
 
     user: np.ndarray  # int64 (N,)
     item: np.ndarray  # int64 (N,)
@@ -46,78 +40,6 @@ class Ratings:
 
     def __len__(self) -> int:
         return len(self.user)
-
-
-@dataclass
-class Movies:
-    """Movie metadata keyed by the dataset's movie id."""
-
-    title: dict[int, str]
-    genres: dict[int, tuple[str, ...]]
-
-
-def _variant_files(variant: str) -> tuple[tuple[str, ...], tuple[str, ...], str]:
-    if variant == "ml-100k":
-        return ("u.data", "u.data.gz"), ("u.item", "u.item.gz"), ML100K_URL
-    if variant == "ml-1m":
-        return ("ratings.dat", "ratings.dat.gz"), ("movies.dat", "movies.dat.gz"), ML1M_URL
-    raise ValueError(f"unknown MovieLens variant {variant!r}: expected 'ml-100k' or 'ml-1m'")
-
-
-def read_movielens_ratings(data_dir: str | os.PathLike | None, variant: str = "ml-100k") -> Ratings:
-    """All ratings of MovieLens-100K (`u.data`, tab separated) or -1M (`ratings.dat`, `::` separated),
-    plain or gzipped. `data_dir` is the dataset folder (None: $MOEKIT_DATA/<variant>)."""
-    names, _, url = _variant_files(variant)
-    path = find_file(resolve_data_dir(data_dir, variant), names, variant, url)
-    sep = "\t" if variant == "ml-100k" else "::"
-    rows: list[tuple[int, int, float, int]] = []
-    with open_text(path, encoding="latin-1") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(sep)
-            if len(parts) != 4:
-                raise ValueError(f"{path}, line {line_no}: expected 4 fields separated by {sep!r}, "
-                                 f"got {len(parts)}: {line[:80]!r}")
-            try:
-                rows.append((int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3])))
-            except ValueError as error:
-                raise ValueError(f"{path}, line {line_no}: {error}") from None
-    if not rows:
-        raise ValueError(f"{path} holds no ratings")
-    user, item, rating, timestamp = zip(*rows, strict=True)
-    return Ratings(np.array(user, dtype=np.int64), np.array(item, dtype=np.int64),
-                   np.array(rating, dtype=np.float32), np.array(timestamp, dtype=np.int64))
-
-
-def read_movielens_movies(data_dir: str | os.PathLike | None, variant: str = "ml-100k") -> Movies:
-    """Titles and genres: `u.item` (19 genre flags) for ML-100K, `movies.dat` (`a|b` genres) for ML-1M.
-    Both files are ISO-8859-1."""
-    _, names, url = _variant_files(variant)
-    path = find_file(resolve_data_dir(data_dir, variant), names, variant, url)
-    title: dict[int, str] = {}
-    genres: dict[int, tuple[str, ...]] = {}
-    with open_text(path, encoding="latin-1") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            if variant == "ml-100k":
-                parts = line.split("|")
-                if len(parts) != 5 + len(ML100K_GENRES):
-                    raise ValueError(f"{path}, line {line_no}: expected {5 + len(ML100K_GENRES)} '|' fields, "
-                                     f"got {len(parts)}")
-                flags = parts[5:]
-                movie_genres = tuple(g for g, flag in zip(ML100K_GENRES, flags, strict=True) if flag == "1")
-            else:
-                parts = line.split("::")
-                if len(parts) != 3:
-                    raise ValueError(f"{path}, line {line_no}: expected 3 '::' fields, got {len(parts)}")
-                movie_genres = tuple(g for g in parts[2].split("|") if g)
-            movie = int(parts[0])
-            title[movie], genres[movie] = parts[1], movie_genres
-    return Movies(title, genres)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,14 +159,20 @@ def load_beauty(data_dir: str | os.PathLike | None = None, core: int = 0) -> Seq
 def load_movielens(data_dir: str | os.PathLike | None = None, variant: str = "ml-100k", *,
                    min_rating: float | None = None, core: int = 5) -> SequenceDataset:
     """MovieLens-100K or -1M as sequences (defaults: every rating is an implicit interaction, 5-core),
-    with titles and genres."""
-    data = sequences_from_ratings(read_movielens_ratings(data_dir, variant), min_rating=min_rating,
-                                  core=core, name=variant)
-    movies = read_movielens_movies(data_dir, variant)
-    for i, raw in enumerate(data.raw_item_ids[1:], 1):
-        if raw in movies.title:
-            data.item_titles[i] = movies.title[raw]
-            data.item_categories[i] = movies.genres[raw]
+    with titles and genres. The files are parsed by `moekit.data.movielens` (the user file is not needed)."""
+    path = movielens_file(data_dir, variant, "ratings")
+    raw = read_ratings(path)  # (N, 4): user id, movie id, stars, timestamp, in file order
+    if len(raw) == 0:
+        raise ValueError(f"{path} holds no ratings")
+    ratings = Ratings(raw[:, 0], raw[:, 1], raw[:, 2].astype(np.float32), raw[:, 3])
+    data = sequences_from_ratings(ratings, min_rating=min_rating, core=core, name=variant)
+    movie_ids, titles, _years, genres_IG = read_movies(movielens_file(data_dir, variant, "movies"))
+    row_of = {int(movie): row for row, movie in enumerate(movie_ids)}
+    for i, raw_item in enumerate(data.raw_item_ids[1:], 1):
+        row = row_of.get(raw_item)
+        if row is not None:
+            data.item_titles[i] = titles[row]
+            data.item_categories[i] = tuple(GENRES[g] for g in np.flatnonzero(genres_IG[row]))
     return data
 
 

@@ -7,6 +7,7 @@ import gzip
 import numpy as np
 import pytest
 
+from moekit.data.movielens import GENRES, movielens_file, read_movies, read_ratings
 from moekit.data.sequences import (
     Ratings,
     k_core,
@@ -15,10 +16,12 @@ from moekit.data.sequences import (
     load_movielens,
     load_sequences,
     pad_left,
-    read_movielens_movies,
-    read_movielens_ratings,
     sequences_from_ratings,
 )
+
+
+def _genre_names(genres_IG, ids_I, movie_id):
+    return tuple(GENRES[g] for g in np.flatnonzero(genres_IG[ids_I.tolist().index(movie_id)]))
 
 
 def _ratings(rows):
@@ -81,10 +84,11 @@ def test_movielens_files_parse(tmp_path):
     (ml / "ratings.dat").write_text("1::10::5::978300760\n1::20::3::978300750\n2::10::4::978300000\n")
     with gzip.open(ml / "movies.dat.gz", "wt", encoding="latin-1") as f:
         f.write("10::Misérables, Les (1995)::Drama|Musical\n20::Heat (1995)::Action\n")
-    ratings = read_movielens_ratings(ml, "ml-1m")
-    assert ratings.user.tolist() == [1, 1, 2] and ratings.rating.tolist() == [5, 3, 4]
-    movies = read_movielens_movies(ml, "ml-1m")
-    assert movies.title[10] == "Misérables, Les (1995)" and movies.genres[10] == ("Drama", "Musical")
+    ratings = read_ratings(movielens_file(ml, "ml-1m", "ratings"))
+    assert ratings[:, 0].tolist() == [1, 1, 2] and ratings[:, 2].tolist() == [5, 3, 4]
+    ids, titles, _, genres = read_movies(movielens_file(ml, "ml-1m", "movies"))
+    assert titles[ids.tolist().index(10)] == "Misérables, Les (1995)"
+    assert _genre_names(genres, ids, 10) == ("Drama", "Musical")
     data = load_movielens(ml, "ml-1m", core=0)
     assert [data.item_titles[i] for i in data.sequences[0]] == ["Heat (1995)", "Misérables, Les (1995)"]
 
@@ -95,12 +99,13 @@ def test_ml100k_item_genres(tmp_path):
     flags = ["0"] * 19
     flags[1] = flags[16] = "1"  # Action, Thriller
     (ml / "u.item").write_text("1|Heat (1995)|01-Jan-1995||http://x|" + "|".join(flags) + "\n")
-    assert read_movielens_movies(ml, "ml-100k").genres[1] == ("Action", "Thriller")
+    ids, _, _, genres = read_movies(movielens_file(ml, "ml-100k", "movies"))
+    assert _genre_names(genres, ids, 1) == ("Action", "Thriller")
 
 
 def test_missing_file_names_file_and_download_address(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"u\.data.*grouplens\.org"):
-        read_movielens_ratings(tmp_path, "ml-100k")
+        load_sequences("ml-100k", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"ratings\.dat.*ml-1m\.zip"):
         load_sequences("ml-1m", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"Beauty\.txt.*S3Rec"):
@@ -109,8 +114,8 @@ def test_missing_file_names_file_and_download_address(tmp_path):
 
 def test_bad_line_names_file_and_line(tmp_path):
     (tmp_path / "u.data").write_text("1\t2\t3\t4\n1\t2\t3\n")
-    with pytest.raises(ValueError, match=r"u\.data, line 2: expected 4 fields"):
-        read_movielens_ratings(tmp_path, "ml-100k")
+    with pytest.raises(ValueError, match=r"u\.data:2: expected 4 fields"):
+        load_sequences("ml-100k", tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_sequences("netflix", tmp_path)
 
@@ -129,5 +134,5 @@ def test_real_ml100k_counts(shared_data):
     assert (data.num_users, data.num_items, data.num_interactions) == (943, 1682, 100000)
     assert data.item_titles[1] == "Toy Story (1995)"
     positive = load_sequences("ml-100k", shared_data / "ml-100k", min_rating=4, core=0)
-    ratings = read_movielens_ratings(shared_data / "ml-100k")
-    assert positive.num_interactions == int((ratings.rating >= 4).sum())
+    ratings = read_ratings(movielens_file(shared_data / "ml-100k", "ml-100k", "ratings"))
+    assert positive.num_interactions == int((ratings[:, 2] >= 4).sum())
