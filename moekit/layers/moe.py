@@ -24,6 +24,7 @@ from moekit.layers.dispatch import (
     capacity_keep_mask,
     combine_expert_choice,
     combine_token_choice,
+    gather_tokens,
     sort_by_expert,
 )
 from moekit.layers.experts import FeedForward, GroupedExperts
@@ -177,7 +178,7 @@ class MoE(nn.Module):
         backend = self.backend
         if backend == "grouped":
             dispatch = sort_by_expert(ids_TK, kept_TK, E, align=_group_align(x_TD))
-            y_PD = self.experts(x_TD.index_select(0, dispatch.token_P), dispatch.offsets_E)
+            y_PD = self.experts(gather_tokens(x_TD, dispatch), dispatch.offsets_E)
             return combine_token_choice(y_PD, dispatch, weights_TK), dispatch.counts_E, dropped, None
 
         kept_ids_TK = ids_TK if kept_TK is None else ids_TK.masked_fill(~kept_TK, E)
