@@ -136,7 +136,7 @@ class SoftmaxGate(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_in, num_experts)
 
-    def forward(self, x_ND: Tensor, experts_ENO: Tensor) -> Tensor:
+    def forward(self, x_ND: Tensor, expert_parts: list[Tensor]) -> Tensor:
         return torch.softmax(self.proj(x_ND).float(), dim=-1)
 
 
@@ -154,9 +154,9 @@ class AttentionGate(nn.Module):
         self.k_proj = nn.Linear(d_expert, d_attn, bias=False)
         self.scale = 1 / math.sqrt(d_attn)
 
-    def forward(self, x_ND: Tensor, experts_ENO: Tensor) -> Tensor:
+    def forward(self, x_ND: Tensor, expert_parts: list[Tensor]) -> Tensor:
         q_NA = self.query + self.q_proj(x_ND)
-        k_ENA = self.k_proj(experts_ENO)
+        k_ENA = self.k_proj(torch.cat(expert_parts) if len(expert_parts) > 1 else expert_parts[0])
         scores_NE = (q_NA * k_ENA).sum(-1).t() * self.scale
         return torch.softmax(scores_NE.float(), dim=-1)
 
@@ -165,10 +165,18 @@ def build_gate(kind: str, d_in: int, num_experts: int, d_expert: int) -> nn.Modu
     return (SoftmaxGate if kind == "softmax" else AttentionGate)(d_in, num_experts, d_expert)
 
 
-def mix(gate_NE: Tensor, experts_ENO: Tensor) -> Tensor:
-    """Gate-weighted sum of expert outputs: (N, E), (E, N, O) -> (N, O)."""
+def mix(gate_NE: Tensor, expert_parts: list[Tensor]) -> Tensor:
+    """Gate-weighted sum of expert outputs given as consecutive groups (e.g. a PLE task's own experts,
+    then the shared ones): (N, E), [(E_i, N, O)] with sum E_i = E -> (N, O). Mixing each group in
+    place saves concatenating the expert outputs."""
     # Broadcast-multiply and sum: N tiny (1, E) x (E, O) matmuls in a bmm are ~2x slower on CPU.
-    return (gate_NE.t().to(experts_ENO.dtype).unsqueeze(-1) * experts_ENO).sum(dim=0)
+    gate_EN1 = gate_NE.t().unsqueeze(-1)
+    out_NO, start = None, 0
+    for part_ENO in expert_parts:
+        end = start + part_ENO.shape[0]
+        term_NO = (gate_EN1[start:end].to(part_ENO.dtype) * part_ENO).sum(dim=0)
+        out_NO, start = (term_NO if out_NO is None else out_NO + term_NO), end
+    return out_NO
 
 
 class CGCLevel(nn.Module):
@@ -201,17 +209,15 @@ class CGCLevel(nn.Module):
             specific_TENO = self.specific(x_GND[:T])
         outputs, gates = [], []
         for t in range(T):
-            experts_ENO = (shared_ENO if self.specific is None
-                           else torch.cat([specific_TENO[t], shared_ENO], dim=0))
-            gate_NE = self.task_gates[t](x_GND[t], experts_ENO)
-            outputs.append(mix(gate_NE, experts_ENO))
+            parts = [shared_ENO] if self.specific is None else [specific_TENO[t], shared_ENO]
+            gate_NE = self.task_gates[t](x_GND[t], parts)
+            outputs.append(mix(gate_NE, parts))
             gates.append(gate_NE)
         shared_gate_NE = None
         if self.shared_gate is not None:
-            parts = list(specific_TENO) if self.specific is not None else []
-            all_ENO = torch.cat([*parts, shared_ENO], dim=0)
-            shared_gate_NE = self.shared_gate(x_GND[T], all_ENO)
-            outputs.append(mix(shared_gate_NE, all_ENO))
+            parts = [*specific_TENO, shared_ENO] if self.specific is not None else [shared_ENO]
+            shared_gate_NE = self.shared_gate(x_GND[T], parts)
+            outputs.append(mix(shared_gate_NE, parts))
         return torch.stack(outputs), gates, shared_gate_NE
 
 
@@ -364,10 +370,10 @@ class MultiTaskModel(nn.Module):
             tower_in = [self.bottom(x_ND)] * T
         elif cfg.architecture in ("omoe", "mmoe"):
             experts_ENO = self.experts(x_ND.unsqueeze(0))[0]
-            gate_list = [gate(x_ND, experts_ENO) for gate in self.gates]
+            gate_list = [gate(x_ND, [experts_ENO]) for gate in self.gates]
             if cfg.architecture == "omoe":
                 gate_list = gate_list * T  # one gate, shared by every task
-            tower_in = [mix(g, experts_ENO) for g in gate_list]
+            tower_in = [mix(g, [experts_ENO]) for g in gate_list]
             gates = dict(zip(cfg.tasks, gate_list, strict=True))
         else:
             x_GND = x_ND.unsqueeze(0).expand(T + 1, -1, -1)
