@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "train a DQN recommender in a MovieLens user simulator and compare it with baselines"
+TUNE_MALLOC = True  # see moekit.cli.MALLOC_TUNABLES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "train SASRec or FAME for next-item recommendation (Beauty, MovieLens) and report test HR/NDCG/MRR"
+TUNE_MALLOC = True  # see moekit.cli.MALLOC_TUNABLES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

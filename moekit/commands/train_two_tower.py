@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "train a two-tower retrieval model (MLP or MoE towers) on MovieLens"
+TUNE_MALLOC = True  # see moekit.cli.MALLOC_TUNABLES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

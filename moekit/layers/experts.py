@@ -15,14 +15,36 @@ from torch import Tensor, nn
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up over h = [gate | up], writing both halves of the gradient into one buffer:
+    autograd's backward of `chunk` concatenates them, a full extra copy of h every step."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, silu: bool) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate) if silu else F.gelu(gate)
+        ctx.save_for_backward(gate, up, act)
+        ctx.silu = silu
+        return act * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        gate, up, act = ctx.saved_tensors
+        grad_h = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, act, out=grad_up)
+        if ctx.silu:
+            torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        else:
+            torch.ops.aten.gelu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_h, None
+
+
 def activate(h: Tensor, expert_type: str, activation: str) -> Tensor:
     """The nonlinearity between the two projections. Gated types get [gate | up] along the last dim."""
-    if expert_type == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if expert_type == "geglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.gelu(gate) * up
+    if expert_type in ("swiglu", "geglu"):
+        return _GatedActivation.apply(h, expert_type == "swiglu")
     return _ACTIVATIONS[activation](h)
 
 

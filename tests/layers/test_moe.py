@@ -228,3 +228,19 @@ def test_output_fields_and_shapes():
     assert isinstance(out.dropped_tokens, int) and out.dropped_tokens == 0
     assert out.aux_loss.dim() == 0
     assert set(out.losses) == {"aux_loss", "z_loss"}
+
+
+@pytest.mark.parametrize("expert_type,act", [("swiglu", torch.nn.functional.silu), ("geglu", torch.nn.functional.gelu)])
+def test_gated_activation_matches_autograd_of_the_formula(expert_type, act):
+    from moekit.layers.experts import activate
+
+    h = torch.randn(7, 3, 2 * 5, dtype=torch.float64, requires_grad=True)
+    h_ref = h.detach().clone().requires_grad_(True)
+    out = activate(h, expert_type, "gelu")
+    ref = act(h_ref[..., :5]) * h_ref[..., 5:]
+    torch.testing.assert_close(out, ref)
+    upstream = torch.randn_like(ref)
+    out.backward(upstream)
+    ref.backward(upstream)
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    assert torch.autograd.gradcheck(lambda t: activate(t, expert_type, "gelu"), (h.detach().requires_grad_(),))
