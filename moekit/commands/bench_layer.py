@@ -64,7 +64,8 @@ def _moekit(w: Workload, dtype, device, backend: str):
 def _floor(w: Workload, dtype, device):
     """Dense SwiGLU matmuls over the routed rows (T*k) and the shared rows (T): the FLOPs alone."""
     import torch
-    import torch.nn.functional as F
+
+    from moekit.layers.experts import activate
 
     def linear(n_in, n_out):
         return torch.nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
@@ -73,9 +74,8 @@ def _floor(w: Workload, dtype, device):
     shared = w.num_shared * w.d_ff
     shared_in, shared_out = (linear(w.d_model, 2 * shared), linear(shared, w.d_model)) if shared else (None, None)
 
-    def swiglu(x, w_in, w_out):
-        gate, up = w_in(x).chunk(2, dim=-1)
-        return w_out(F.silu(gate) * up)
+    def swiglu(x, w_in, w_out):  # moekit's own fused SwiGLU: the floor is the best dense execution
+        return w_out(activate(w_in(x), "swiglu", "silu"))
 
     def run(x):
         x_TD = x.reshape(-1, w.d_model)
@@ -309,7 +309,8 @@ def render_markdown(results: dict) -> str:
         "",
         "Median of the timed repetitions; every implementation runs in turn within each repetition, so machine "
         "noise hits all alike. *Floor*: the same FLOPs as plain dense SwiGLU matmuls over the T*k routed rows (and "
-        "the T shared-expert rows), no routing. Forward is timed under `torch.no_grad()`; forward+backward "
+        "the T shared-expert rows), no routing, with moekit's fused SwiGLU. Forward is timed under "
+        "`torch.no_grad()`; forward+backward "
         "includes the input and weight gradients.",
         "",
     ]
@@ -328,10 +329,14 @@ def render_markdown(results: dict) -> str:
         verdict = "met" if ours["fwd_bwd_vs_floor"] <= target else "missed"
         line = (f"- {workload} {dtype}: moekit grouped fwd+bwd {ours['fwd_bwd_vs_floor']:.2f}x the floor "
                 f"(target {target}x: {verdict})")
-        if best is not None:
-            faster = ours["fwd_bwd_ms"] < best["fwd_bwd_ms"] and ours["fwd_ms"] < min(r["fwd_ms"] for r in rivals)
-            line += (f"; fastest transformers block: {best['implementation']} at {best['fwd_bwd_vs_floor']:.2f}x "
-                     f"(moekit {'faster in fwd and fwd+bwd' if faster else 'NOT faster on every measure'})")
+        if best is not None:  # the issue's targets are on forward+backward; forward-only is shown too
+            faster = "faster" if ours["fwd_bwd_ms"] < best["fwd_bwd_ms"] else "NOT faster"
+            best_fwd = min(rivals, key=lambda r: r["fwd_ms"])
+            fwd_note = ("also fastest in forward alone" if ours["fwd_ms"] < best_fwd["fwd_ms"] else
+                        f"forward alone: {ours['fwd_ms']:.1f} ms vs {best_fwd['implementation']} "
+                        f"{best_fwd['fwd_ms']:.1f} ms")
+            line += (f"; fastest transformers block (fwd+bwd): {best['implementation']} at "
+                     f"{best['fwd_bwd_vs_floor']:.2f}x, moekit {faster} ({fwd_note})")
         lines.append(line)
     lines.append("")
     return "\n".join(lines)
