@@ -106,17 +106,25 @@ class ExpertBank(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, x_GND: Tensor) -> Tensor:
-        G, N, D = x_GND.shape
-        E, H, O = self.experts, self.w1_GEHD.shape[2], self.d_out
-        # First layer of all E experts as one (N, D) x (D, E*H) GEMM per group.
-        w1_GDX = self.w1_GEHD.reshape(G, E * H, D).transpose(1, 2)
-        h_GNX = torch.baddbmm(self.b1_GEH.view(G, 1, E * H), x_GND, w1_GDX)
-        if self.norm1 is not None:
-            h_GNX = torch.stack([norm(h_GNX[g]) for g, norm in enumerate(self.norm1)])
-        # Expert-major layout for the second layer: one (N, H) x (H, O) matmul per expert in a bmm is
-        # ~3x faster than einsum over the token-major layout (which permutes inside autograd twice).
-        h_XNH = F.relu(h_GNX).view(G, N, E, H).transpose(1, 2).reshape(G * E, N, H)
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (G, N, D), one input branch per group, or (N, D) read by every group -> (G, E, N, O)."""
+        G, E, H, O = self.groups, self.experts, self.w1_GEHD.shape[2], self.d_out
+        N, D = x.shape[-2:]
+        if x.dim() == 2 and self.norm1 is None:
+            # One input for all groups (MMoE, PLE's first level): a single (N, D) x (D, G*E*H) GEMM.
+            w1_DX = self.w1_GEHD.reshape(G * E * H, D).t()
+            h_NX = torch.addmm(self.b1_GEH.reshape(G * E * H), x, w1_DX)
+            h_XNH = F.relu(h_NX).view(N, G * E, H).transpose(0, 1).reshape(G * E, N, H)
+        else:
+            x_GND = x.expand(G, N, D) if x.dim() == 2 else x
+            # First layer of all E experts as one (N, D) x (D, E*H) GEMM per group.
+            w1_GDX = self.w1_GEHD.reshape(G, E * H, D).transpose(1, 2)
+            h_GNX = torch.baddbmm(self.b1_GEH.view(G, 1, E * H), x_GND, w1_GDX)
+            if self.norm1 is not None:
+                h_GNX = torch.stack([norm(h_GNX[g]) for g, norm in enumerate(self.norm1)])
+            # Expert-major layout for the second layer: one (N, H) x (H, O) matmul per expert in a bmm
+            # is ~3x faster than einsum over the token-major layout (which permutes inside autograd twice).
+            h_XNH = F.relu(h_GNX).view(G, N, E, H).transpose(1, 2).reshape(G * E, N, H)
         w2_XHO = self.w2_GEOH.reshape(G * E, O, H).transpose(1, 2)
         y_GENO = torch.baddbmm(self.b2_GEO.reshape(G * E, 1, O), h_XNH, w2_XHO).view(G, E, N, O)
         if self.norm2 is not None:
@@ -125,7 +133,8 @@ class ExpertBank(nn.Module):
             y_GENO = y_GNX.view(G, N, E, O).permute(0, 2, 1, 3)
         y_GENO = F.relu(y_GENO)
         if self.skip is not None:
-            y_GENO = y_GENO + self.skip(x_GND).unsqueeze(1)
+            skip = self.skip(x)
+            y_GENO = y_GENO + (skip.unsqueeze(0) if skip.dim() == 2 else skip).unsqueeze(1)
         return self.dropout(y_GENO)
 
 
@@ -171,11 +180,11 @@ def mix(gate_NE: Tensor, expert_parts: list[Tensor]) -> Tensor:
     place saves concatenating the expert outputs."""
     # Broadcast-multiply and sum: N tiny (1, E) x (E, O) matmuls in a bmm are ~2x slower on CPU.
     gate_EN1 = gate_NE.t().unsqueeze(-1)
-    out_NO, start = None, 0
-    for part_ENO in expert_parts:
-        end = start + part_ENO.shape[0]
-        term_NO = (gate_EN1[start:end].to(part_ENO.dtype) * part_ENO).sum(dim=0)
-        out_NO, start = (term_NO if out_NO is None else out_NO + term_NO), end
+    gate_parts = gate_EN1.split([part.shape[0] for part in expert_parts]) if len(expert_parts) > 1 else [gate_EN1]
+    out_NO = None
+    for gate_part_EN1, part_ENO in zip(gate_parts, expert_parts, strict=True):
+        term_NO = (gate_part_EN1.to(part_ENO.dtype) * part_ENO).sum(dim=0)
+        out_NO = term_NO if out_NO is None else out_NO + term_NO
     return out_NO
 
 
@@ -201,24 +210,28 @@ class CGCLevel(nn.Module):
         all_experts = num_tasks * self.num_specific + self.num_shared
         self.shared_gate = None if last else build_gate(cfg.gate, d_in, all_experts, cfg.expert_dim)
 
-    def forward(self, x_GND: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None]:
-        """x: (T + 1, N, D) branches -> ((T or T+1, N, O) outputs, per-task gates (N, E_t), shared gate)."""
+    def forward(self, branches: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """T task branches + 1 shared branch, each (N, D) -> (T or T + 1 outputs (N, O), per-task gates
+        (N, E_t), shared gate). Branches stay a list: indexing a stacked tensor would cost a full-size
+        zero gradient per index in backward."""
         T = self.num_tasks
-        shared_ENO = self.shared(x_GND[T:])[0]
+        shared_ENO = self.shared(branches[T]).squeeze(0)
+        specific = None
         if self.specific is not None:
-            specific_TENO = self.specific(x_GND[:T])
+            same_input = all(b is branches[0] for b in branches[:T])  # the first level: every branch is x
+            specific = self.specific(branches[0] if same_input else torch.stack(branches[:T])).unbind(0)
         outputs, gates = [], []
         for t in range(T):
-            parts = [shared_ENO] if self.specific is None else [specific_TENO[t], shared_ENO]
-            gate_NE = self.task_gates[t](x_GND[t], parts)
+            parts = [shared_ENO] if specific is None else [specific[t], shared_ENO]
+            gate_NE = self.task_gates[t](branches[t], parts)
             outputs.append(mix(gate_NE, parts))
             gates.append(gate_NE)
         shared_gate_NE = None
         if self.shared_gate is not None:
-            parts = [*specific_TENO, shared_ENO] if self.specific is not None else [shared_ENO]
-            shared_gate_NE = self.shared_gate(x_GND[T], parts)
+            parts = [shared_ENO] if specific is None else [*specific, shared_ENO]
+            shared_gate_NE = self.shared_gate(branches[T], parts)
             outputs.append(mix(shared_gate_NE, parts))
-        return torch.stack(outputs), gates, shared_gate_NE
+        return outputs, gates, shared_gate_NE
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -369,17 +382,17 @@ class MultiTaskModel(nn.Module):
         if cfg.architecture == "shared_bottom":
             tower_in = [self.bottom(x_ND)] * T
         elif cfg.architecture in ("omoe", "mmoe"):
-            experts_ENO = self.experts(x_ND.unsqueeze(0))[0]
+            experts_ENO = self.experts(x_ND).squeeze(0)
             gate_list = [gate(x_ND, [experts_ENO]) for gate in self.gates]
             if cfg.architecture == "omoe":
                 gate_list = gate_list * T  # one gate, shared by every task
             tower_in = [mix(g, [experts_ENO]) for g in gate_list]
             gates = dict(zip(cfg.tasks, gate_list, strict=True))
         else:
-            x_GND = x_ND.unsqueeze(0).expand(T + 1, -1, -1)
+            branches = [x_ND] * (T + 1)
             for level in self.levels:
-                x_GND, task_gates, _ = level(x_GND)
-            tower_in = list(x_GND[:T])
+                branches, task_gates, _ = level(branches)
+            tower_in = branches[:T]
             gates = {task: self._place_ple_gate(t, g) for t, (task, g) in enumerate(zip(cfg.tasks, task_gates,
                                                                                          strict=True))}
         logits = {task: tower(h).squeeze(-1) for task, tower, h in zip(cfg.tasks, self.towers, tower_in,
