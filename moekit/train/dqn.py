@@ -10,7 +10,6 @@ rated 4 or 5) and the share of recommendations whose reaction came from a real h
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ from moekit.data.movielens import MovieLens, load_movielens
 from moekit.rl.dqn import QNetwork, QNetworkConfig, dqn_loss, masked_argmax, q_targets
 from moekit.rl.replay import ReplayBuffer
 from moekit.rl.simulator import MovieLensSimulator, RecommendationEnv, SimulatorConfig
-from moekit.train.io import atomic_write_json, load_tensors, save_tensors
+from moekit.train.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.train.reproducibility import check_finite, seed_everything
 
 # A policy maps (user, state, action mask) to an item; the user is used only by greedy-MF.
@@ -220,11 +219,7 @@ def save_dqn(out_dir: str | Path, net: QNetwork, cfg: DQNTrainConfig, report: di
 
 
 def load_dqn(ckpt_dir: str | Path) -> tuple[QNetwork, dict]:
-    ckpt = Path(ckpt_dir)
-    path = ckpt / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {ckpt} a `moekit train dqn` checkpoint?")
-    saved = json.loads(path.read_text())
+    ckpt, saved = read_checkpoint_config(ckpt_dir, "train dqn")
     net = QNetwork(QNetworkConfig(**saved["q_network"]))
     net.load_state_dict(load_tensors(ckpt / "q_network.safetensors"))
     return net.eval(), saved

@@ -9,7 +9,6 @@ catalogue with every item of their training history excluded; Recall@K / Hit@K f
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from moekit.data.movielens import MovieLens, leave_last_out, load_movielens, user_sequences
 from moekit.models.two_tower import TwoTower, TwoTowerConfig, in_batch_softmax_loss
-from moekit.train.io import atomic_write_json, load_tensors, save_tensors
+from moekit.train.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.train.metrics import recall_hit_at_k, top_k_excluding
 from moekit.train.reproducibility import check_finite, seed_everything
 
@@ -252,11 +251,7 @@ def save_two_tower(out_dir: str | Path, model: TwoTower, cfg: RetrievalTrainConf
 
 def load_two_tower(ckpt_dir: str | Path) -> tuple[TwoTower, dict, torch.Tensor]:
     """The model, the saved config dict and the exported (I, D) item embeddings of a checkpoint folder."""
-    ckpt = Path(ckpt_dir)
-    config_path = ckpt / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: is {ckpt} a `moekit train two-tower` checkpoint?")
-    saved = json.loads(config_path.read_text())
+    ckpt, saved = read_checkpoint_config(ckpt_dir, "train two-tower")
     model = TwoTower(TwoTowerConfig(**saved["model"]))
     model.load_state_dict(load_tensors(ckpt / "model.safetensors"))
     model.eval()

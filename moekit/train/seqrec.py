@@ -15,7 +15,6 @@ cross-entropy (`loss='bce'`, the SASRec paper). Early stopping on validation NDC
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from moekit.data.sequences import LeaveOneOut, SequenceDataset, leave_one_out, load_sequences, pad_left
 from moekit.models.sequential import FAME, FAMEConfig, SASRec, SASRecConfig, build_model
-from moekit.train.io import atomic_write_json, load_tensors, save_tensors
+from moekit.train.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.train.metrics import mask_history, ranking_metrics, sampled_target_ranks, target_ranks
 from moekit.train.reproducibility import check_finite, seed_everything
 
@@ -290,12 +289,7 @@ def save_checkpoint(out_dir: Path, model: SASRec, cfg: SeqRecTrainConfig, data: 
 
 def load_checkpoint(ckpt_dir: str | Path) -> tuple[SASRec, dict]:
     """The model (eval mode) and the saved config.json of a `moekit train seqrec` run."""
-    ckpt_dir = Path(ckpt_dir)
-    config_path = ckpt_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: --ckpt must be the --out folder of "
-                                "`moekit train seqrec`")
-    meta = json.loads(config_path.read_text())
+    ckpt_dir, meta = read_checkpoint_config(ckpt_dir, "train seqrec")
     config_cls = FAMEConfig if meta["model"] == "fame" else SASRecConfig
     model = build_model(meta["model"], config_cls(**meta["model_config"]))
     model.load_state_dict(load_tensors(ckpt_dir / "model.safetensors"))
