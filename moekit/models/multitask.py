@@ -108,34 +108,55 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (G, N, D), one input branch per group, or (N, D) read by every group -> (G, E, N, O)."""
+        if x.dim() == 2 and self.norm1 is None:
+            return self.run_on_one_input([self], x)[0]
         G, E, H, O = self.groups, self.experts, self.w1_GEHD.shape[2], self.d_out
         N, D = x.shape[-2:]
-        if x.dim() == 2 and self.norm1 is None:
-            # One input for all groups (MMoE, PLE's first level): a single (N, D) x (D, G*E*H) GEMM.
-            w1_DX = self.w1_GEHD.reshape(G * E * H, D).t()
-            h_NX = torch.addmm(self.b1_GEH.reshape(G * E * H), x, w1_DX)
-            h_XNH = F.relu(h_NX).view(N, G * E, H).transpose(0, 1).reshape(G * E, N, H)
-        else:
-            x_GND = x.expand(G, N, D) if x.dim() == 2 else x
-            # First layer of all E experts as one (N, D) x (D, E*H) GEMM per group.
-            w1_GDX = self.w1_GEHD.reshape(G, E * H, D).transpose(1, 2)
-            h_GNX = torch.baddbmm(self.b1_GEH.view(G, 1, E * H), x_GND, w1_GDX)
-            if self.norm1 is not None:
-                h_GNX = torch.stack([norm(h_GNX[g]) for g, norm in enumerate(self.norm1)])
-            # Expert-major layout for the second layer: one (N, H) x (H, O) matmul per expert in a bmm
-            # is ~3x faster than einsum over the token-major layout (which permutes inside autograd twice).
-            h_XNH = F.relu(h_GNX).view(G, N, E, H).transpose(1, 2).reshape(G * E, N, H)
+        x_GND = x.expand(G, N, D) if x.dim() == 2 else x
+        # First layer of all E experts as one (N, D) x (D, E*H) GEMM per group.
+        w1_GDX = self.w1_GEHD.reshape(G, E * H, D).transpose(1, 2)
+        h_GNX = torch.baddbmm(self.b1_GEH.view(G, 1, E * H), x_GND, w1_GDX)
+        if self.norm1 is not None:
+            h_GNX = torch.stack([norm(h_GNX[g]) for g, norm in enumerate(self.norm1)])
+        # Expert-major layout for the second layer: one (N, H) x (H, O) matmul per expert in a bmm
+        # is ~3x faster than einsum over the token-major layout (which permutes inside autograd twice).
+        h_XNH = F.relu(h_GNX).view(G, N, E, H).transpose(1, 2).reshape(G * E, N, H)
         w2_XHO = self.w2_GEOH.reshape(G * E, O, H).transpose(1, 2)
         y_GENO = torch.baddbmm(self.b2_GEO.reshape(G * E, 1, O), h_XNH, w2_XHO).view(G, E, N, O)
         if self.norm2 is not None:
             y_GNX = y_GENO.permute(0, 2, 1, 3).reshape(G, N, E * O)
             y_GNX = torch.stack([norm(y_GNX[g]) for g, norm in enumerate(self.norm2)])
             y_GENO = y_GNX.view(G, N, E, O).permute(0, 2, 1, 3)
-        y_GENO = F.relu(y_GENO)
+        return self._finish(F.relu(y_GENO), x)
+
+    def _finish(self, y_GENO: Tensor, x: Tensor) -> Tensor:
         if self.skip is not None:
             skip = self.skip(x)
             y_GENO = y_GENO + (skip.unsqueeze(0) if skip.dim() == 2 else skip).unsqueeze(1)
         return self.dropout(y_GENO)
+
+    @staticmethod
+    def run_on_one_input(banks: list[ExpertBank], x_ND: Tensor) -> list[Tensor]:
+        """Banks without BatchNorm that all read one input (N, D) (MMoE; PLE's first level, whose
+        task-specific and shared banks see the same row) as one GEMM per layer over all their
+        experts: the weights are concatenated (a few KB) -> [(G, E, N, O) per bank]."""
+        if any(bank.norm1 is not None for bank in banks):
+            raise ValueError("run_on_one_input needs banks without BatchNorm")
+        N, D = x_ND.shape
+        H, O = banks[0].w1_GEHD.shape[2], banks[0].d_out
+        cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts)  # noqa: E731
+        w1_XD = cat([bank.w1_GEHD.reshape(-1, D) for bank in banks])  # X = all experts' hidden units
+        b1_X = cat([bank.b1_GEH.reshape(-1) for bank in banks])
+        h_NX = torch.addmm(b1_X, x_ND, w1_XD.t())
+        experts = h_NX.shape[1] // H
+        h_ENH = F.relu(h_NX).view(N, experts, H).transpose(0, 1).reshape(experts, N, H)
+        w2_EHO = cat([bank.w2_GEOH.reshape(-1, O, H) for bank in banks]).transpose(1, 2)
+        b2_E1O = cat([bank.b2_GEO.reshape(-1, 1, O) for bank in banks])
+        y_ENO = F.relu(torch.baddbmm(b2_E1O, h_ENH, w2_EHO))
+        sizes = [bank.groups * bank.experts for bank in banks]
+        parts = y_ENO.split(sizes) if len(banks) > 1 else [y_ENO]
+        return [bank._finish(y.view(bank.groups, bank.experts, N, O), x_ND)
+                for bank, y in zip(banks, parts, strict=True)]
 
 
 class SoftmaxGate(nn.Module):
@@ -174,6 +195,20 @@ def build_gate(kind: str, d_in: int, num_experts: int, d_expert: int) -> nn.Modu
     return (SoftmaxGate if kind == "softmax" else AttentionGate)(d_in, num_experts, d_expert)
 
 
+def run_gates(gates: list[nn.Module], x_ND: Tensor, expert_parts: list[list[Tensor]]) -> list[Tensor]:
+    """Each gate's (N, E_g) weights for one shared input row x. Softmax gates become one
+    (N, D) x (D, sum E_g) GEMM instead of a small GEMM each (and one backward instead of many)."""
+    if len(gates) == 1 or not all(isinstance(gate, SoftmaxGate) for gate in gates):
+        return [gate(x_ND, parts) for gate, parts in zip(gates, expert_parts, strict=True)]
+    weight = torch.cat([gate.proj.weight for gate in gates])
+    bias = torch.cat([gate.proj.bias for gate in gates])
+    logits_NG = torch.addmm(bias, x_ND, weight.t()).float()
+    sizes = [gate.proj.out_features for gate in gates]
+    if len(set(sizes)) == 1:  # equal widths (MMoE): one softmax over a (N, gates, E) view
+        return list(logits_NG.view(len(x_ND), len(gates), sizes[0]).softmax(-1).unbind(1))
+    return [part.softmax(-1) for part in logits_NG.split(sizes, dim=1)]
+
+
 def mix(gate_NE: Tensor, expert_parts: list[Tensor]) -> Tensor:
     """Gate-weighted sum of expert outputs given as consecutive groups (e.g. a PLE task's own experts,
     then the shared ones): (N, E), [(E_i, N, O)] with sum E_i = E -> (N, O). Mixing each group in
@@ -200,6 +235,7 @@ class CGCLevel(nn.Module):
         super().__init__()
         self.num_tasks, self.last = num_tasks, last
         self.num_specific, self.num_shared = cfg.num_specific_experts, cfg.num_shared_experts
+        self.batchnorm = cfg.expert_batchnorm
         bank = dict(d_in=d_in, d_hidden=cfg.expert_hidden, d_out=cfg.expert_dim,
                     residual=cfg.residual_experts, dropout=cfg.expert_dropout, batchnorm=cfg.expert_batchnorm)
         self.specific = ExpertBank(num_tasks, self.num_specific, **bank) if self.num_specific else None
@@ -215,23 +251,31 @@ class CGCLevel(nn.Module):
         (N, E_t), shared gate). Branches stay a list: indexing a stacked tensor would cost a full-size
         zero gradient per index in backward."""
         T = self.num_tasks
-        shared_ENO = self.shared(branches[T]).squeeze(0)
+        # The first level: every branch is the same input row, so all banks and gates can share GEMMs.
+        one_input = all(b is branches[0] for b in branches) and not self.batchnorm
         specific = None
-        if self.specific is not None:
-            same_input = all(b is branches[0] for b in branches[:T])  # the first level: every branch is x
-            specific = self.specific(branches[0] if same_input else torch.stack(branches[:T])).unbind(0)
-        outputs, gates = [], []
-        for t in range(T):
-            parts = [shared_ENO] if specific is None else [specific[t], shared_ENO]
-            gate_NE = self.task_gates[t](branches[t], parts)
-            outputs.append(mix(gate_NE, parts))
-            gates.append(gate_NE)
-        shared_gate_NE = None
+        if one_input:
+            banks = [self.shared] if self.specific is None else [self.specific, self.shared]
+            *specific_GENO, shared_GENO = ExpertBank.run_on_one_input(banks, branches[0])
+            specific = specific_GENO[0].unbind(0) if specific_GENO else None
+        else:
+            shared_GENO = self.shared(branches[T])
+            if self.specific is not None:
+                same_input = all(b is branches[0] for b in branches[:T])
+                specific = self.specific(branches[0] if same_input else torch.stack(branches[:T])).unbind(0)
+        shared_ENO = shared_GENO.squeeze(0)
+        task_parts = [[shared_ENO] if specific is None else [specific[t], shared_ENO] for t in range(T)]
+        gate_modules, gate_parts = list(self.task_gates), task_parts
         if self.shared_gate is not None:
-            parts = [shared_ENO] if specific is None else [*specific, shared_ENO]
-            shared_gate_NE = self.shared_gate(branches[T], parts)
-            outputs.append(mix(shared_gate_NE, parts))
-        return outputs, gates, shared_gate_NE
+            gate_modules.append(self.shared_gate)
+            gate_parts = [*task_parts, [shared_ENO] if specific is None else [*specific, shared_ENO]]
+        if one_input:
+            gates = run_gates(gate_modules, branches[0], gate_parts)
+        else:
+            gates = [gate(b, parts) for gate, b, parts in zip(gate_modules, branches, gate_parts, strict=False)]
+        outputs = [mix(gate_NE, parts) for gate_NE, parts in zip(gates, gate_parts, strict=True)]
+        shared_gate_NE = gates[T] if self.shared_gate is not None else None
+        return outputs, gates[:T], shared_gate_NE
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -383,7 +427,7 @@ class MultiTaskModel(nn.Module):
             tower_in = [self.bottom(x_ND)] * T
         elif cfg.architecture in ("omoe", "mmoe"):
             experts_ENO = self.experts(x_ND).squeeze(0)
-            gate_list = [gate(x_ND, [experts_ENO]) for gate in self.gates]
+            gate_list = run_gates(list(self.gates), x_ND, [[experts_ENO]] * len(self.gates))
             if cfg.architecture == "omoe":
                 gate_list = gate_list * T  # one gate, shared by every task
             tower_in = [mix(g, [experts_ENO]) for g in gate_list]

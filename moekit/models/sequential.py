@@ -171,6 +171,11 @@ class SASRec(nn.Module):
         """Ranking scores of every item for the next step after each sequence: (B, I+1)."""
         return self.logits(self.forward(items_BT)[:, -1])
 
+    def next_item_loss(self, h_PD: Tensor, target_P: Tensor) -> Tensor:
+        """Mean full-softmax cross-entropy of the next items (P,) given hidden states (P, D).
+        Scores items 1..I only (no padding column to mask: one pass less over (P, I))."""
+        return F.cross_entropy(h_PD @ self.item_emb.weight[1:].T, target_P - 1)
+
 
 # ---------------------------------------------------------------------------------------------
 # FAME: the last layer keeps its heads apart
@@ -304,6 +309,22 @@ class FAME(SASRec):
         log_p_PHI = out.head_logits_PHI[..., 1:].float().log_softmax(-1)
         log_p_PI = torch.logsumexp(log_p_PHI + out.gate_PH.float().log().unsqueeze(-1), dim=1)
         return F.pad(log_p_PI, (1, 0), value=float("-inf"))
+
+    def next_item_loss(self, h_PD: Tensor, target_P: Tensor) -> Tensor:
+        """The mixture's NLL, -log sum_h g_h softmax_h(scores)[target]: each head's cross-entropy
+        (fused log-softmax) mixed in log space. The (P, I) mixture is never built, which makes a
+        training step ~3x cheaper than cross-entropy on `logits` (same value)."""
+        if self.config.head_mixing == "logits":
+            return super().next_item_loss(h_PD, target_P)
+        P, D = h_PD.shape
+        H = self.config.num_heads
+        h_HPK = h_PD.view(P, H, D // H).transpose(0, 1)
+        sub_HIK = torch.einsum("id,hdk->hik", self.item_emb.weight[1:], self.item_proj_HDK)
+        head_HPI = torch.bmm(h_HPK, sub_HIK.transpose(1, 2))  # items 1..I, contiguous per head
+        nll_HP = F.cross_entropy(head_HPI.flatten(0, 1).float(), (target_P - 1).repeat(H),
+                                 reduction="none").view(H, P)
+        log_gate_PH = self.head_gate(h_PD).float().log()
+        return -torch.logsumexp(log_gate_PH - nll_HP.T, dim=1).mean()
 
 
 def build_model(kind: str, config: SASRecConfig) -> SASRec:

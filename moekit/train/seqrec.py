@@ -125,7 +125,7 @@ def train_loss(model: SASRec, inputs_BT: torch.Tensor, targets_BT: torch.Tensor,
     keep_BT = targets_BT != 0
     h_PD, target_P = h_BTD[keep_BT], targets_BT[keep_BT]  # only real positions are scored
     if loss == "ce":
-        return F.cross_entropy(model.logits(h_PD), target_P)
+        return model.next_item_loss(h_PD, target_P)
     negative_P = torch.randint(1, num_items + 1, target_P.shape, generator=generator)
     negative_P = torch.where(negative_P == target_P, negative_P % num_items + 1, negative_P)
     scores_P2 = model.logits(h_PD, torch.stack([target_P, negative_P], 1))

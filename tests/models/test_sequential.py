@@ -103,6 +103,29 @@ def test_fame_mixtures_match_a_plain_loop():
     torch.testing.assert_close(fame.logits(h_PD, items), logit.gather(1, items))
 
 
+def test_next_item_loss_is_the_mixture_nll_from_a_plain_loop():
+    sas, fame = _models()
+    h_PD = torch.randn(5, 16, requires_grad=True)
+    target_P = torch.tensor([1, 7, 30, 12, 7])
+    H, K = 2, 8
+    gate = torch.softmax(fame.gate(h_PD), -1)
+    nll = torch.zeros(())
+    for p in range(5):  # -log sum_h g_h softmax_h[target], one row and one head at a time
+        prob = torch.zeros(())
+        for h in range(H):
+            s = h_PD[p, h * K:(h + 1) * K] @ (fame.item_emb.weight[1:] @ fame.item_proj_HDK[h]).T
+            prob = prob + gate[p, h] * torch.softmax(s, -1)[target_P[p] - 1]
+        nll = nll - prob.log() / 5
+    loss = fame.next_item_loss(h_PD, target_P)
+    torch.testing.assert_close(loss, nll)
+    for a, b in zip(torch.autograd.grad(loss, [h_PD, fame.gate.weight, fame.item_proj_HDK]),
+                    torch.autograd.grad(nll, [h_PD, fame.gate.weight, fame.item_proj_HDK]), strict=True):
+        torch.testing.assert_close(a, b)
+    # SASRec: plain cross-entropy over items 1..I.
+    torch.testing.assert_close(sas.next_item_loss(h_PD, target_P),
+                               torch.nn.functional.cross_entropy((h_PD @ sas.item_emb.weight[1:].T), target_P - 1))
+
+
 def test_fame_router_is_a_convex_mixture_of_experts():
     _, fame = _models()
     x = torch.randn(2, 5, 16)
