@@ -111,7 +111,7 @@ def deepctr_trainer(model: str, data):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data/census-income")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out-dir", default=str(ROOT / "docs" / "results"))
     args = parser.parse_args()
     torch.set_num_threads(1)

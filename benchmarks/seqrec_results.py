@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         "--epochs",
         type=int,
         nargs="+",
-        default=[100, 100],
+        default=[40, 100],
         help="epoch cap per dataset (same order as --datasets)",
     )
     p.add_argument("--patience", type=int, default=5, help="epochs without a better validation NDCG@10")
@@ -272,7 +272,8 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
         f"{cfg0['num_heads']} heads, dropout {cfg0['dropout']}, Adam lr {cfg0['lr']}, "
         f"batch {cfg0['batch_size']}; "
         f"FAME: {cfg0['num_experts']} query experts per head in the last layer, a gate over heads mixing the "
-        "heads' softmax distributions.",
+        + ("heads' softmax distributions." if cfg0.get("head_mixing") == "probability" or "head_mixing" not in cfg0
+           else "heads' item scores."),
         "",
     ]
     capped = [r for r in all_runs if r["epochs_run"] == r["config"]["epochs"] and r["best_epoch"] == r["epochs_run"]]

@@ -25,11 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--experts", type=int, default=4, help="FAME: query experts per head")
-    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--head-mixing", choices=["logits", "probability"], default="logits",
+                        help="FAME: mix the heads' item scores, or their softmax distributions (--loss ce)")
+    parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--patience", type=int, default=10, help="epochs without better validation NDCG@10")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval", dest="eval_protocol", choices=["full", "sampled"], default="full",
                         help="full: rank all items (history masked); "
                         "sampled: the SASRec paper's 100 negatives")
@@ -57,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = SeqRecTrainConfig(
             dataset=args.dataset, data_dir=args.data_dir, min_rating=args.min_rating, core=args.core,
             model=args.model, loss=args.loss, max_len=args.max_len, hidden=args.hidden,
-            num_layers=args.layers,
-            num_heads=args.heads, num_experts=args.experts, dropout=args.dropout, attn_dropout=args.dropout,
-            epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+            num_layers=args.layers, num_heads=args.heads, num_experts=args.experts, head_mixing=args.head_mixing,
+            dropout=args.dropout, attn_dropout=args.dropout, epochs=args.epochs, patience=args.patience,
+            batch_size=args.batch_size, lr=args.lr,
             eval_protocol=args.eval_protocol, valid_users=args.valid_users, threads=args.threads, seed=seed,
             out_dir=str(out))
         result = train(cfg, data)

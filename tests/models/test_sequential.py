@@ -13,7 +13,8 @@ NUM_ITEMS = 30
 def _models(**kw):
     torch.manual_seed(0)
     sas = SASRec(SASRecConfig(NUM_ITEMS, max_len=8, hidden=16, num_heads=2, **kw)).eval()
-    fame = FAME(FAMEConfig(NUM_ITEMS, max_len=8, hidden=16, num_heads=2, num_experts=3, **kw)).eval()
+    fame = FAME(FAMEConfig(NUM_ITEMS, max_len=8, hidden=16, num_heads=2, num_experts=3,
+                           head_mixing="probability", **kw)).eval()
     # Non-zero router and gate, so the tests exercise them (they start at zero).
     with torch.no_grad():
         fame.last.attn.router_HNKN.normal_(std=0.5)
@@ -78,7 +79,9 @@ def test_fame_with_one_head_and_one_expert_is_sasrec():
     assert torch.equal(fame.item_proj_HDK[0], torch.eye(D))  # W_f starts as the identity slice
     items = torch.tensor([[0, 0, 3, 7, 1, 9], [2, 4, 6, 8, 10, 12]])
     torch.testing.assert_close(fame(items), sas(items))
-    # One head, gate 1: FAME's score is log softmax of SASRec's logits (same ranking).
+    # One head, gate 1: FAME's scores are SASRec's ('logits' mixing) or their log softmax (same ranking).
+    torch.testing.assert_close(fame.scores(items), sas.scores(items))
+    fame.config.head_mixing = "probability"
     torch.testing.assert_close(fame.scores(items), sas.scores(items).log_softmax(-1), rtol=1e-5, atol=1e-5)
 
 
@@ -120,6 +123,18 @@ def test_next_item_loss_is_the_mixture_nll_from_a_plain_loop():
     torch.testing.assert_close(loss, nll)
     for a, b in zip(torch.autograd.grad(loss, [h_PD, fame.gate.weight, fame.item_proj_HDK]),
                     torch.autograd.grad(nll, [h_PD, fame.gate.weight, fame.item_proj_HDK]), strict=True):
+        torch.testing.assert_close(a, b)
+    # 'logits' mixing: cross-entropy of the gate-weighted head scores.
+    fame.config.head_mixing = "logits"
+    gate = torch.softmax(fame.gate(h_PD), -1)
+    mixed = sum(gate[:, h:h + 1] * (h_PD[:, h * K:(h + 1) * K] @ (fame.item_emb.weight[1:] @ fame.item_proj_HDK[h]).T)
+                for h in range(H))
+    loss = fame.next_item_loss(h_PD, target_P)
+    reference = torch.nn.functional.cross_entropy(mixed, target_P - 1)
+    torch.testing.assert_close(loss, reference)
+    for a, b in zip(torch.autograd.grad(loss, [h_PD, fame.gate.weight]),
+                    torch.autograd.grad(reference, [h_PD, fame.gate.weight]), strict=True):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)
     # SASRec: plain cross-entropy over items 1..I.
     torch.testing.assert_close(sas.next_item_loss(h_PD, target_P),

@@ -143,6 +143,9 @@ def test_tiny_training_learns_the_next_item_and_repeats(model, loss, tmp_path):
 def test_train_config_errors(tmp_path):
     with pytest.raises(ValueError, match="loss must be one of ce, bce"):
         SeqRecTrainConfig(loss="bpr")
+    with pytest.raises(ValueError, match="head_mixing='probability' needs loss='ce'"):
+        SeqRecTrainConfig(model="fame", loss="bce", head_mixing="probability")
+    assert SeqRecTrainConfig(model="fame", head_mixing="probability").model_config(5).head_mixing == "probability"
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_checkpoint(tmp_path)
 
