@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     else:
         cap = dict(zip(args.datasets, args.epochs, strict=True))
         jobs = [(args, d, m, seed, cap[d]) for d in args.datasets for m in args.models for seed in args.seeds]
-        started, load_before = time.time(), os.getloadavg()[0]
+        started, load_before, commit = time.time(), os.getloadavg()[0], _git_commit()  # the code that runs
         if args.workers > 1:
             # Runs side by side, one process each (--threads threads); the longest (Beauty, FAME) start first.
             import multiprocessing
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         raw = {
             "meta": {
                 "command": command,
-                "commit": _git_commit(),
+                "commit": commit,
                 "wall_minutes": (time.time() - started) / 60,
                 "workers": args.workers,
                 "threads": args.threads,

@@ -133,12 +133,27 @@ def train_loss(model: SASRec, inputs_BT: torch.Tensor, targets_BT: torch.Tensor,
     h_PD, target_P = h_BTD[keep_BT], targets_BT[keep_BT]  # only real positions are scored
     if loss == "ce":
         return model.next_item_loss(h_PD, target_P)
-    negative_P = torch.randint(1, num_items + 1, target_P.shape, generator=generator)
-    negative_P = torch.where(negative_P == target_P, negative_P % num_items + 1, negative_P)
+    negative_P = sample_unseen_negatives(inputs_BT, targets_BT, num_items, generator)[keep_BT]
     scores_P2 = model.logits(h_PD, torch.stack([target_P, negative_P], 1))
     labels_P2 = torch.zeros_like(scores_P2)
     labels_P2[:, 0] = 1.0
     return F.binary_cross_entropy_with_logits(scores_P2, labels_P2)
+
+
+def sample_unseen_negatives(inputs_BT: torch.Tensor, targets_BT: torch.Tensor, num_items: int,
+                            generator: torch.Generator, rounds: int = 10) -> torch.Tensor:
+    """(B, T) uniform random items avoiding the items of their row's window (the SASRec paper's
+    negatives avoid the user's items). Clashes are redrawn up to `rounds` times; one still left (only
+    likely when a row holds a large share of the catalogue) is kept."""
+    seen_BS = torch.cat([inputs_BT, targets_BT[:, -1:]], dim=1)  # the window's items (0 = padding)
+    negative_BT = torch.randint(1, num_items + 1, targets_BT.shape, generator=generator)
+    for _ in range(rounds):
+        clash_BT = (negative_BT.unsqueeze(-1) == seen_BS.unsqueeze(1)).any(-1)
+        if not bool(clash_BT.any()):
+            break
+        redraw_BT = torch.randint(1, num_items + 1, targets_BT.shape, generator=generator)
+        negative_BT = torch.where(clash_BT, redraw_BT, negative_BT)
+    return negative_BT
 
 
 def sample_negatives(histories: list[list[int]], targets: np.ndarray, num_items: int, n: int,

@@ -19,6 +19,7 @@ from moekit.train.seqrec import (
     load_checkpoint,
     recommend,
     sample_negatives,
+    sample_unseen_negatives,
     train,
     training_windows,
 )
@@ -48,6 +49,18 @@ def test_sampled_protocol_ranks_against_the_negatives_only():
     scores = torch.tensor([[0.0, 0.1, 0.9, 0.5, 0.7, 0.3]])
     negatives = torch.tensor([[1, 5, 4]])  # scores 0.1, 0.3, 0.7
     assert sampled_target_ranks(scores, torch.tensor([3]), negatives).item() == 1
+
+
+def test_training_negatives_avoid_the_rows_items():
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.tensor([[0, 0, 1, 2, 3], [4, 5, 6, 7, 8]])
+    targets = torch.tensor([[0, 1, 2, 3, 9], [5, 6, 7, 8, 10]])
+    for _ in range(20):
+        neg = sample_unseen_negatives(inputs, targets, num_items=14, generator=g)
+        assert neg.shape == (2, 5) and neg.min() >= 1 and neg.max() <= 14
+        for row in range(2):
+            seen = set(inputs[row].tolist()) | set(targets[row].tolist())
+            assert not seen & set(neg[row].tolist())
 
 
 def test_sample_negatives_avoid_seen_items_and_repeat_nothing():
