@@ -158,8 +158,9 @@ def train_epoch(model: MultiTaskModel, optimizer: torch.optim.Optimizer, train: 
         idx = order[lo:lo + batch_size]
         if idx.numel() < 2:  # BatchNorm cannot train on one row
             continue
-        out = model(train.cat_NC[idx], train.num_NF[idx])
-        loss = combine(task_losses(out.logits, train.labels_NT[idx], types))
+        # index_select, not advanced indexing: the same gather at a fraction of the per-call overhead.
+        out = model(train.cat_NC.index_select(0, idx), train.num_NF.index_select(0, idx))
+        loss = combine(task_losses(out.logits, train.labels_NT.index_select(0, idx), types))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
