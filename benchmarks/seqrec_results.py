@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--workers", type=int, default=2, help="runs trained side by side (one process each)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    p.add_argument("--merge", action="store_true",
+                   help="replace only --datasets in OUT/seqrec.json, keeping the other datasets' runs")
     p.add_argument("--from-json", action="store_true", help="only re-render the tables from OUT/seqrec.json")
     args = p.parse_args(argv)
     if len(args.epochs) != len(args.datasets):
@@ -168,18 +170,26 @@ def main(argv=None) -> int:
                 outcomes[i] = outcome
         else:
             outcomes = [run_job(*job) for job in jobs]
-        raw = {
-            "meta": {
-                "command": command,
-                "commit": commit,
-                "wall_minutes": (time.time() - started) / 60,
-                "workers": args.workers,
-                "threads": args.threads,
-                "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
-            }
+        meta = {
+            "command": command,
+            "commit": commit,
+            "wall_minutes": (time.time() - started) / 60,
+            "workers": args.workers,
+            "threads": args.threads,
+            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         }
+        raw = {}
+        if args.merge and (out / "seqrec.json").is_file():
+            # Keep the other datasets' runs; each dataset carries the metadata of the run that made it.
+            raw = json.loads((out / "seqrec.json").read_text())
+            old_meta = raw.pop("meta", None)
+            for entry in raw.values():
+                entry.setdefault("meta", old_meta)
+        for dataset in args.datasets:
+            raw.pop(dataset, None)
         for (_, dataset, model, _, _), (result, facet) in zip(jobs, outcomes, strict=True):
-            entry = raw.setdefault(dataset, {"data": result.pop("summary"), "runs": {}, "facets": None})
+            entry = raw.setdefault(dataset, {"data": result.pop("summary"), "runs": {}, "facets": None,
+                                             "meta": meta})
             result.pop("summary", None)
             entry["runs"].setdefault(model, []).append(result)
             if facet is not None:
@@ -238,7 +248,6 @@ def _load(meta: dict) -> str:
 
 def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
     """docs/results/seqrec.md (+ facet PNGs) from the results JSON."""
-    meta = raw.get("meta") or _fallback_meta(rerender_command)
     datasets = [d for d in raw if d != "meta"]
     cfg0 = raw[datasets[0]]["runs"]["sasrec" if "sasrec" in raw[datasets[0]]["runs"] else "fame"][0]["config"]
     all_runs = [r for d in datasets for rs in raw[d]["runs"].values() for r in rs]
@@ -250,15 +259,9 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
     text = [
         "# Sequential recommendation: SASRec and FAME",
         "",
-        f"Produced by `{meta['command']}` at commit {meta['commit']}, on a shared 2-core CPU "
-        f"({_load(meta)}{meta['workers']} worker process(es), {meta['threads']} torch thread(s) each); "
-        + (f"{meta['wall_minutes']:.0f} min wall time in all." if meta["wall_minutes"] == meta["wall_minutes"]
-           else "wall time not recorded.")
-        + (
-            f" Tables re-rendered from docs/results/seqrec.json by `{rerender_command}`."
-            if rerender_command
-            else ""
-        ),
+        "Each dataset's section names the command and commit that produced it."
+        + (f" Tables re-rendered from docs/results/seqrec.json by `{rerender_command}`." if rerender_command
+           else ""),
         "",
         "**Protocol.** Leave-one-out: per user the last item is the test target, the second-to-last the "
         "validation target. Full ranking over all items (no sampling), the user's earlier items removed from "
@@ -267,13 +270,6 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
         f"the same loss ({loss}), every position of a training sequence predicting its next item. "
         "Mean ± sample std over seeds "
         f"{sorted({r['config']['seed'] for r in raw[datasets[0]]['runs']['sasrec']})}.",
-        "",
-        f"Model: max_len {cfg0['max_len']}, hidden {cfg0['hidden']}, {cfg0['num_layers']} layers, "
-        f"{cfg0['num_heads']} heads, dropout {cfg0['dropout']}, Adam lr {cfg0['lr']}, "
-        f"batch {cfg0['batch_size']}; "
-        f"FAME: {cfg0['num_experts']} query experts per head in the last layer, a gate over heads mixing the "
-        + ("heads' softmax distributions." if cfg0.get("head_mixing") == "probability" or "head_mixing" not in cfg0
-           else "heads' item scores."),
         "",
     ]
     capped = [r for r in all_runs if r["epochs_run"] == r["config"]["epochs"] and r["best_epoch"] == r["epochs_run"]]
@@ -288,8 +284,21 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
         runs = entry["runs"]
         cap = next(iter(runs.values()))[0]["config"]["epochs"]
         published = PUBLISHED_BEAUTY if dataset == "beauty" else []
+        meta = entry.get("meta") or raw.get("meta") or _fallback_meta(rerender_command)
+        cfg = next(iter(runs.values()))[0]["config"]
         text += [
             f"## {entry['data']}",
+            "",
+            f"Produced by `{meta['command']}` at commit {meta['commit']}, on a shared 2-core CPU "
+            f"({_load(meta)}{meta['workers']} worker process(es), {meta['threads']} torch thread(s) each); "
+            + (f"{meta['wall_minutes']:.0f} min wall time for the command."
+               if meta["wall_minutes"] == meta["wall_minutes"] else "wall time not recorded."),
+            "",
+            f"Model: max_len {cfg['max_len']}, hidden {cfg['hidden']}, {cfg['num_layers']} layers, "
+            f"{cfg['num_heads']} heads, dropout {cfg['dropout']}, Adam lr {cfg['lr']}, batch {cfg['batch_size']}, "
+            f"patience {cfg['patience']}; FAME: {cfg['num_experts']} query experts per head in the last layer, "
+            "a gate over heads mixing the heads' "
+            + ("softmax distributions." if cfg.get("head_mixing", "probability") == "probability" else "item scores."),
             "",
             f"Epoch cap {cap}; per run: epochs run (best epoch).",
             "",
