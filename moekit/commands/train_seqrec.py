@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=10, help="epochs without better validation NDCG@10")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr-decay", type=float, default=None,
+                        help="multiply the learning rate by this after 2 epochs without a better validation "
+                             "NDCG@10 (default: constant)")
     parser.add_argument("--eval", dest="eval_protocol", choices=["full", "sampled"], default="full",
                         help="full: rank all items (history masked); "
                         "sampled: the SASRec paper's 100 negatives")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             model=args.model, loss=args.loss, max_len=args.max_len, hidden=args.hidden,
             num_layers=args.layers, num_heads=args.heads, num_experts=args.experts, head_mixing=args.head_mixing,
             dropout=args.dropout, attn_dropout=args.dropout, epochs=args.epochs, patience=args.patience,
-            batch_size=args.batch_size, lr=args.lr,
+            batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
             eval_protocol=args.eval_protocol, valid_users=args.valid_users, threads=args.threads, seed=seed,
             out_dir=str(out))
         result = train(cfg, data)

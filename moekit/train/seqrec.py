@@ -53,6 +53,10 @@ class SeqRecTrainConfig:
     attn_dropout: float = 0.3
     epochs: int = 200
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    # Multiply the learning rate by this after `lr_patience` epochs without a better validation
+    # NDCG@10 (ReduceLROnPlateau); None: constant learning rate.
+    lr_decay: float | None = None
+    lr_patience: int = 2
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -77,6 +81,8 @@ class SeqRecTrainConfig:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
+        if self.lr_decay is not None and not 0 < self.lr_decay < 1:
+            raise ValueError(f"lr_decay must be in (0, 1) or None (got {self.lr_decay})")
         if self.head_mixing not in ("probability", "logits"):
             raise ValueError(f"head_mixing must be 'probability' or 'logits' (got {self.head_mixing!r})")
         if self.head_mixing == "probability" and self.loss == "bce":
@@ -218,6 +224,10 @@ def train(cfg: SeqRecTrainConfig, data: SequenceDataset | None = None) -> dict:
     lengths_W = (inputs_WT != 0).sum(1)
     model = build_model(cfg.model, cfg.model_config(data.num_items))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    scheduler = None
+    if cfg.lr_decay is not None:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
+                                                               patience=cfg.lr_patience)
     n_valid = len(split.users) if cfg.valid_users is None else min(cfg.valid_users, len(split.users))
     valid_rows = np.sort(rng.permutation(len(split.users))[:n_valid])
     valid_history = [split.valid_history[u] for u in valid_rows]
@@ -250,7 +260,10 @@ def train(cfg: SeqRecTrainConfig, data: SequenceDataset | None = None) -> dict:
                             negatives=None if valid_neg is None else valid_neg[valid_rows],
                             batch_size=cfg.eval_batch_size)
         history.append({"epoch": epoch, "loss": total / batches, "train_s": train_s,
+                        "lr": optimizer.param_groups[0]["lr"],
                         "valid": {k: valid[k] for k in ("HR@10", "NDCG@10")}})
+        if scheduler is not None:
+            scheduler.step(valid["NDCG@10"])
         if valid["NDCG@10"] > best:
             best, best_epoch = valid["NDCG@10"], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -128,6 +128,24 @@ def _cyclic_data(num_users=32, num_items=12, length=8, seed=0):
                            item_categories=cats)
 
 
+def test_lr_decays_after_epochs_without_a_better_validation_ndcg():
+    data = _cyclic_data()
+    cfg = SeqRecTrainConfig(max_len=8, hidden=16, num_layers=1, dropout=0.0, attn_dropout=0.0, epochs=14,
+                            patience=14, batch_size=32, lr=2e-2, lr_decay=0.5, lr_patience=1, seed=3,
+                            progress=False)
+    history = train(cfg, data)["history"]
+    best, stale, lr = -1.0, 0, 2e-2
+    for h in history:  # ReduceLROnPlateau by hand: halve after more than lr_patience stale epochs
+        assert h["lr"] == pytest.approx(lr)
+        if h["valid"]["NDCG@10"] > best * (1 + 1e-4):
+            best, stale = h["valid"]["NDCG@10"], 0
+        else:
+            stale += 1
+        if stale > 1:
+            lr, stale = lr * 0.5, 0
+    assert history[-1]["lr"] < 2e-2  # the cycle is learnt early, so validation stops improving
+
+
 @pytest.mark.parametrize("model,loss", [("sasrec", "ce"), ("fame", "ce"), ("sasrec", "bce"), ("fame", "bce")])
 def test_tiny_training_learns_the_next_item_and_repeats(model, loss, tmp_path):
     data = _cyclic_data()
@@ -156,6 +174,8 @@ def test_tiny_training_learns_the_next_item_and_repeats(model, loss, tmp_path):
 def test_train_config_errors(tmp_path):
     with pytest.raises(ValueError, match="loss must be one of ce, bce"):
         SeqRecTrainConfig(loss="bpr")
+    with pytest.raises(ValueError, match="lr_decay must be in"):
+        SeqRecTrainConfig(lr_decay=1.5)
     with pytest.raises(ValueError, match="head_mixing='probability' needs loss='ce'"):
         SeqRecTrainConfig(model="fame", loss="bce", head_mixing="probability")
     assert SeqRecTrainConfig(model="fame", head_mixing="probability").model_config(5).head_mixing == "probability"
