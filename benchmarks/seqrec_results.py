@@ -100,9 +100,10 @@ def run_job(args: argparse.Namespace, dataset: str, model: str, seed: int, epoch
         epochs=epochs,
         patience=args.patience,
         lr=args.lr,
+        lr_decay=args.lr_decay,
         dropout=args.dropout,
         attn_dropout=args.dropout,
-        valid_users=args.valid_users,
+        valid_users=args.valid_users or None,
         threads=args.threads,
         seed=seed,
         progress=args.workers == 1,
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--patience", type=int, default=5, help="epochs without a better validation NDCG@10")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--dropout", type=float, default=0.3)
-    p.add_argument("--valid-users", type=int, default=3000)
+    p.add_argument("--valid-users", type=int, default=3000, help="early-stopping users (0: all)")
+    p.add_argument("--lr-decay", type=float, default=None, help="ReduceLROnPlateau factor (default: constant lr)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--workers", type=int, default=2, help="runs trained side by side (one process each)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
@@ -265,9 +267,10 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
         "",
         "**Protocol.** Leave-one-out: per user the last item is the test target, the second-to-last the "
         "validation target. Full ranking over all items (no sampling), the user's earlier items removed from "
-        "the candidates. Test metrics of the epoch with the best validation NDCG@10 (validation measured "
-        f"on a fixed random subset of {cfg0['valid_users']} users to save time). Both models trained with "
-        f"the same loss ({loss}), every position of a training sequence predicting its next item. "
+        "the candidates. Test metrics of the epoch with the best validation NDCG@10 (the validation users, "
+        "a fixed random subset or all, and the learning-rate schedule are in each dataset's model line). "
+        f"Both models trained with the same loss ({loss}), every position of a training sequence "
+        "predicting its next item. "
         "Mean ± sample std over seeds "
         f"{sorted({r['config']['seed'] for r in raw[datasets[0]]['runs']['sasrec']})}.",
         "",
@@ -296,7 +299,10 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
             "",
             f"Model: max_len {cfg['max_len']}, hidden {cfg['hidden']}, {cfg['num_layers']} layers, "
             f"{cfg['num_heads']} heads, dropout {cfg['dropout']}, Adam lr {cfg['lr']}, batch {cfg['batch_size']}, "
-            f"patience {cfg['patience']}; FAME: {cfg['num_experts']} query experts per head in the last layer, "
+            f"patience {cfg['patience']} on {cfg['valid_users'] or 'all'} validation users, "
+            + (f"learning rate x{cfg['lr_decay']} after {cfg['lr_patience']} epochs without a better validation "
+               "NDCG@10" if cfg.get("lr_decay") else "constant learning rate")
+            + f"; FAME: {cfg['num_experts']} query experts per head in the last layer, "
             "a gate over heads mixing the heads' "
             + ("softmax distributions." if cfg.get("head_mixing", "probability") == "probability" else "item scores."),
             "",
