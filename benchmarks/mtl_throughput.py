@@ -144,22 +144,31 @@ def main() -> int:
         f"library runs {args.epochs} epochs, round robin (one epoch of each library in turn, so load changes "
         "on the shared machine hit all alike), through its own training entry point (moekit `train_epoch`, "
         "torch-rechub `MTLTrainer.train_one_epoch` with its DataLoader, DeepCTR-Torch `fit`); the fastest "
-        "epoch is reported. Architectures differ in details each library fixes (torch-rechub puts BatchNorm "
+        "and the median epoch are reported. Architectures differ in details each library fixes (torch-rechub puts BatchNorm "
         "in every layer, DeepCTR-Torch adds L2 regularisation terms); sizes and FLOPs match.", "",
-        "| model | library | samples/s | moekit speed-up |", "|---|---|---|---|",
+        "| model | library | samples/s (fastest epoch) | moekit speed-up | samples/s (median epoch) | "
+        "moekit speed-up (median) |", "|---|---|---|---|---|---|",
     ]
+    runs = results["runs"]
+    fastest = {key: max(v) for key, v in runs.items()}
+    median = {key: float(np.median(v)) for key, v in runs.items()}
     for model in ("mmoe", "ple"):
-        ours = max(results["runs"][f"moekit / {model}"])
+        ours = f"moekit / {model}"
         for lib in runners:
-            best = max(results["runs"][f"{lib} / {model}"])
-            lines.append(f"| {model} | {lib} | {best:,.0f} | {ours / best:.2f}x |")
-    lines += ["", "Targets: at least 4x torch-rechub's trainer and 2x DeepCTR-Torch's fit."]
+            key = f"{lib} / {model}"
+            lines.append(f"| {model} | {lib} | {fastest[key]:,.0f} | {fastest[ours] / fastest[key]:.2f}x | "
+                         f"{median[key]:,.0f} | {median[ours] / median[key]:.2f}x |")
+    lines += ["", "Targets: at least 4x torch-rechub's trainer and 2x DeepCTR-Torch's fit (fastest epochs; "
+              "medians in brackets)."]
     for model in ("mmoe", "ple"):
-        ours = max(results["runs"][f"moekit / {model}"])
-        rh = max(results["runs"][f"torch-rechub 0.9.0 MTLTrainer / {model}"])
-        dc = max(results["runs"][f"DeepCTR-Torch 0.3.0 fit / {model}"])
-        lines.append(f"- {model}: {ours / rh:.2f}x torch-rechub ({'met' if ours >= 4 * rh else 'MISSED'}), "
-                     f"{ours / dc:.2f}x DeepCTR-Torch ({'met' if ours >= 2 * dc else 'MISSED'})")
+        verdicts = []
+        for lib, short, target in (("torch-rechub 0.9.0 MTLTrainer", "torch-rechub", 4),
+                                   ("DeepCTR-Torch 0.3.0 fit", "DeepCTR-Torch", 2)):
+            best = fastest[f"moekit / {model}"] / fastest[f"{lib} / {model}"]
+            mid = median[f"moekit / {model}"] / median[f"{lib} / {model}"]
+            verdict = "met" if min(best, mid) >= target else ("met on fastest only" if best >= target else "MISSED")
+            verdicts.append(f"{best:.2f}x ({mid:.2f}x) {short} ({verdict})")
+        lines.append(f"- {model}: " + ", ".join(verdicts))
     out = Path(args.out_dir)
     atomic_write_json(out / "mtl_throughput.json", results)
     atomic_write_text(out / "mtl_throughput.md", "\n".join(lines) + "\n")
