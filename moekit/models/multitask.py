@@ -167,7 +167,9 @@ class SoftmaxGate(nn.Module):
         self.proj = nn.Linear(d_in, num_experts)
 
     def forward(self, x_ND: Tensor, experts_ENO: Tensor) -> Tensor:
-        return torch.softmax(self.proj(x_ND).float(), dim=-1)
+        """-> (E, N) weights, expert-major (see `run_gates`)."""
+        logits_EN = torch.addmm(self.proj.bias.unsqueeze(1), self.proj.weight, x_ND.t())
+        return torch.softmax(logits_EN.float(), dim=0)
 
 
 class AttentionGate(nn.Module):
@@ -185,10 +187,11 @@ class AttentionGate(nn.Module):
         self.scale = 1 / math.sqrt(d_attn)
 
     def forward(self, x_ND: Tensor, experts_ENO: Tensor) -> Tensor:
+        """-> (E, N) weights, expert-major (see `run_gates`)."""
         q_NA = self.query + self.q_proj(x_ND)
         k_ENA = self.k_proj(experts_ENO)
-        scores_NE = (q_NA * k_ENA).sum(-1).t() * self.scale
-        return torch.softmax(scores_NE.float(), dim=-1)
+        scores_EN = (q_NA * k_ENA).sum(-1) * self.scale
+        return torch.softmax(scores_EN.float(), dim=0)
 
 
 def build_gate(kind: str, d_in: int, num_experts: int, d_expert: int) -> nn.Module:
@@ -196,25 +199,28 @@ def build_gate(kind: str, d_in: int, num_experts: int, d_expert: int) -> nn.Modu
 
 
 def run_gates(gates: list[nn.Module], x_ND: Tensor, experts: list[Tensor]) -> list[Tensor]:
-    """Each gate's (N, E_g) weights for one shared input row x. Softmax gates become one
-    (N, D) x (D, sum E_g) GEMM instead of a small GEMM each (and one backward instead of many)."""
+    """Each gate's (E_g, N) weights for one shared input row x. Softmax gates become one
+    (sum E_g, D) x (D, N) GEMM instead of a small GEMM each (and one backward instead of many).
+
+    Gates are expert-major, (E, N), softmax over dim 0: on CPU a softmax over a last dimension of
+    4-8 experts is ~10x slower (forward + backward) than over the first, and `mix` wants this layout."""
     if len(gates) == 1 or not all(isinstance(gate, SoftmaxGate) for gate in gates):
         return [gate(x_ND, experts_ENO) for gate, experts_ENO in zip(gates, experts, strict=True)]
     weight = torch.cat([gate.proj.weight for gate in gates])
     bias = torch.cat([gate.proj.bias for gate in gates])
-    logits_NG = torch.addmm(bias, x_ND, weight.t()).float()
+    logits_GN = torch.addmm(bias.unsqueeze(1), weight, x_ND.t()).float()
     sizes = [gate.proj.out_features for gate in gates]
-    if len(set(sizes)) == 1:  # equal widths (MMoE): one softmax over a (N, gates, E) view
-        return list(logits_NG.view(len(x_ND), len(gates), sizes[0]).softmax(-1).unbind(1))
-    return [part.softmax(-1) for part in logits_NG.split(sizes, dim=1)]
+    if len(set(sizes)) == 1:  # equal widths (MMoE): one softmax over a (gates, E, N) view
+        return list(logits_GN.view(len(gates), sizes[0], -1).softmax(1).unbind(0))
+    return [part.softmax(0) for part in logits_GN.split(sizes)]
 
 
-def mix(gate_NE: Tensor, experts_ENO: Tensor) -> Tensor:
-    """Gate-weighted sum of expert outputs: (N, E), (E, N, O) -> (N, O)."""
+def mix(gate_EN: Tensor, experts_ENO: Tensor) -> Tensor:
+    """Gate-weighted sum of expert outputs: (E, N), (E, N, O) -> (N, O)."""
     # Broadcast-multiply and sum over the expert-major layout: N tiny (1, E) x (E, O) matmuls in a bmm
     # are ~2x slower on CPU, and one product over all E beats a product per group of experts even
     # after concatenating the groups.
-    return (gate_NE.t().unsqueeze(-1).to(experts_ENO.dtype) * experts_ENO).sum(dim=0)
+    return (gate_EN.unsqueeze(-1).to(experts_ENO.dtype) * experts_ENO).sum(dim=0)
 
 
 class CGCLevel(nn.Module):
@@ -269,9 +275,10 @@ class CGCLevel(nn.Module):
             gates = run_gates(gate_modules, branches[0], gate_experts)
         else:
             gates = [gate(b, experts) for gate, b, experts in zip(gate_modules, branches, gate_experts, strict=False)]
-        outputs = [mix(gate_NE, experts_ENO) for gate_NE, experts_ENO in zip(gates, gate_experts, strict=True)]
-        shared_gate_NE = gates[T] if self.shared_gate is not None else None
-        return outputs, gates[:T], shared_gate_NE
+        outputs = [mix(gate_EN, experts_ENO) for gate_EN, experts_ENO in zip(gates, gate_experts, strict=True)]
+        gates_NE = [gate_EN.t() for gate_EN in gates]  # row-major views for callers
+        shared_gate_NE = gates_NE[T] if self.shared_gate is not None else None
+        return outputs, gates_NE[:T], shared_gate_NE
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -426,8 +433,8 @@ class MultiTaskModel(nn.Module):
             gate_list = run_gates(list(self.gates), x_ND, [experts_ENO] * len(self.gates))
             if cfg.architecture == "omoe":
                 gate_list = gate_list * T  # one gate, shared by every task
-            tower_in = [mix(g, experts_ENO) for g in gate_list]
-            gates = dict(zip(cfg.tasks, gate_list, strict=True))
+            tower_in = [mix(gate_EN, experts_ENO) for gate_EN in gate_list]
+            gates = {task: gate_EN.t() for task, gate_EN in zip(cfg.tasks, gate_list, strict=True)}
         else:
             branches = [x_ND] * (T + 1)
             for level in self.levels:
