@@ -144,8 +144,8 @@ def main() -> int:
         f"library runs {args.epochs} epochs, round robin (one epoch of each library in turn, so load changes "
         "on the shared machine hit all alike), through its own training entry point (moekit `train_epoch`, "
         "torch-rechub `MTLTrainer.train_one_epoch` with its DataLoader, DeepCTR-Torch `fit`); the fastest "
-        "and the median epoch are reported. Architectures differ in details each library fixes (torch-rechub puts BatchNorm "
-        "in every layer, DeepCTR-Torch adds L2 regularisation terms); sizes and FLOPs match.", "",
+        "and the median epoch are reported. Architectures differ in details each library fixes (torch-rechub "
+        "puts BatchNorm in every layer, DeepCTR-Torch adds L2 regularisation terms); sizes and FLOPs match.", "",
         "| model | library | samples/s (fastest epoch) | moekit speed-up | samples/s (median epoch) | "
         "moekit speed-up (median) |", "|---|---|---|---|---|---|",
     ]
