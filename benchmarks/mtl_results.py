@@ -150,6 +150,7 @@ def write_report(results: dict, args, out_dir: Path) -> None:
         "- Early stopping: moekit on the mean validation AUC over tasks; torch-rechub's MTLTrainer on the "
         "first task's validation AUC (its only option).",
         f"- {_cap_note(results, args.epochs)}",
+        *_later_changes(commit),
         "- moekit options used: the defaults (softmax gates, no input or expert BatchNorm, no residual "
         "experts, attention gates or dropout). One tuning decision was made on group 1, seed 0, validation "
         "AUC: input BatchNorm is off by default because it cost ~0.005 income AUC there.",
@@ -188,6 +189,17 @@ def write_report(results: dict, args, out_dir: Path) -> None:
                 lines += [f"**{name}** (seed {runs[0]['seed']})", "",
                           gate_table(runs[0]["gates"], runs[0]["expert_names"]), ""]
     atomic_write_text(out_dir / "mtl.md", "\n".join(lines) + "\n")
+
+
+def _later_changes(commit: str) -> list[str]:
+    """A protocol bullet listing the commits that changed moekit/ after the runs were made, if any."""
+    log = subprocess.run(["git", "log", "--format=%h %s", f"{commit}..HEAD", "--", "moekit"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip().splitlines()
+    if not log:
+        return []
+    return [f"- moekit/ changed after the runs were made ({len(log)} commit(s): "
+            + "; ".join(f"`{line.split(' ', 1)[0]}` {line.split(' ', 1)[1]}" for line in log)
+            + "). Rerun the command to reproduce at the current commit."]
 
 
 def _cap_note(results: dict, cap: int) -> str:
