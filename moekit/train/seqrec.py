@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,9 +210,12 @@ def _fmt(metrics: dict, keys=("HR@10", "NDCG@10")) -> str:
     return " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
-def train(cfg: SeqRecTrainConfig, data: SequenceDataset | None = None) -> dict:
+def train(cfg: SeqRecTrainConfig, data: SequenceDataset | None = None,
+          model_factory: Callable[[str, SASRecConfig], SASRec] = build_model) -> dict:
     """Train with early stopping on validation NDCG@10, restore the best epoch, test it.
-    Returns a result dict (config, epochs, best epoch, validation and test metrics, history)."""
+    Returns a result dict (config, epochs, best epoch, validation and test metrics, history).
+    `model_factory(kind, model_config)` builds the model after seeding (an experiment's variant of
+    SASRec/FAME; its checkpoints load back only through the same factory)."""
     from tqdm import tqdm
 
     if cfg.threads is not None:
@@ -223,7 +227,7 @@ def train(cfg: SeqRecTrainConfig, data: SequenceDataset | None = None) -> dict:
     split = leave_one_out(data.sequences)
     inputs_WT, targets_WT = (torch.from_numpy(a) for a in training_windows(split.train, cfg.max_len))
     lengths_W = (inputs_WT != 0).sum(1)
-    model = build_model(cfg.model, cfg.model_config(data.num_items))
+    model = model_factory(cfg.model, cfg.model_config(data.num_items))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = None
     if cfg.lr_decay is not None:
