@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moekit.data.sequences import SequenceDataset
+from moekit.models.sequential import SASRec, build_model
 from moekit.train.metrics import mask_history, ranking_metrics, sampled_target_ranks, target_ranks
 from moekit.train.seqrec import (
     SeqRecTrainConfig,
@@ -169,6 +170,29 @@ def test_tiny_training_learns_the_next_item_and_repeats(model, loss, tmp_path):
         names, table, n = head_gate_by_category(model_, result["split"], data)
         assert sorted(names) == ["even", "odd"] and n.sum() == 32
         np.testing.assert_allclose(table.sum(1), 1.0, rtol=1e-5)
+
+
+def test_model_factory_builds_the_trained_model():
+    """train() trains and tests the factory's model: a SASRec whose ranking scores are negated (its
+    training loss is the plain one) ranks the cycle's next item at the bottom of the 5 candidates left
+    after masking the 7 history items, where the plain model ranks it first."""
+
+    class Negated(SASRec):
+        def logits(self, h_PD, items=None):
+            return -super().logits(h_PD, items)
+
+    built = []
+
+    def factory(kind, config):
+        built.append((kind, config.hidden))
+        return build_model(kind, config)
+
+    data = _cyclic_data()
+    cfg = SeqRecTrainConfig(max_len=8, hidden=16, num_layers=1, dropout=0.0, attn_dropout=0.0, epochs=8,
+                            patience=8, batch_size=32, lr=2e-2, seed=3, progress=False)
+    assert train(cfg, data, factory)["test"]["MRR@5"] > 0.9
+    assert built == [("sasrec", 16)]
+    assert train(cfg, data, lambda kind, config: Negated(config))["test"]["MRR@5"] < 0.25
 
 
 def test_train_config_errors(tmp_path):
