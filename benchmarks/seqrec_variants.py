@@ -1,12 +1,12 @@
-"""Single-seed variants of SASRec and FAME on Amazon Beauty: writes docs/results/seqrec_variants.md (+ JSON).
+"""Variants of SASRec and FAME on Amazon Beauty: writes docs/results/seqrec_variants.md (+ JSON).
 
 docs/results/seqrec.md misses two of the issue's targets: SASRec (cross-entropy) HR@10 >= RecBole's
 0.083, and FAME beating SASRec on NDCG@10. This script records what was tried against them: each
-variant changes one thing from the defaults of `moekit train seqrec`, is trained once (seed 0) with
-the protocol of benchmarks/seqrec_results.py (full ranking, history masked, early stopping on
-validation NDCG@10), and is compared with the default trained in the same command. One seed only:
-seqrec.md's three seeds of the default spread by ~0.0015 (HR@10) and ~0.0006 (NDCG@10) in std, so a
-difference of a few thousandths here is not evidence.
+variant changes one thing from the defaults of `moekit train seqrec`, is trained with the protocol of
+benchmarks/seqrec_results.py (full ranking, history masked, early stopping on validation NDCG@10) on
+seed 0, and is compared with its model's default on the same seeds. seqrec.md's three seeds of the
+default spread by ~0.0015 (HR@10) and ~0.0006 (NDCG@10) in std, so a single-seed difference of a few
+thousandths is not evidence; a promising variant gets more seeds with --seeds 1 2 --merge.
 
     python benchmarks/seqrec_variants.py --data-dir ../shared/data
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -152,33 +154,56 @@ def run_variant(name: str, data_dir: str, epochs: int, patience: int, threads: i
             "train_seconds": result["train_seconds"]}
 
 
+def _read(path: Path) -> dict:
+    raw = json.loads(path.read_text())
+    if isinstance(raw["meta"], dict):  # written by the first version of this script: one command
+        raw["meta"] = [raw["meta"]]
+    return raw
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
+
+
 def render(raw: dict, out: Path) -> None:
-    rows = raw["runs"]
-    base = {r["variant"].split()[0]: r for r in rows if r["variant"].endswith("default")}
+    """docs/results/seqrec_variants.md: one row per variant, mean (± std) over its seeds; Δ against
+    its model's default on the same seeds."""
+    by_variant: dict[str, dict[int, dict]] = {}
+    for r in raw["runs"]:
+        by_variant.setdefault(r["variant"], {})[r["config"]["seed"]] = r
     text = [
-        "# SASRec and FAME variants on Beauty (single seed)",
+        "# SASRec and FAME variants on Beauty",
         "",
-        f"Produced by `{raw['meta']['command']}` at commit {raw['meta']['commit']} on a shared 2-core CPU "
-        f"({raw['meta']['workers']} worker processes, 1 torch thread each; "
-        f"{raw['meta']['wall_minutes']:.0f} min wall time).",
+        "Produced by these commands (each adds its runs to docs/results/seqrec_variants.json), on a shared "
+        "2-core CPU, 2 worker processes with 1 torch thread each:",
         "",
-        "Each row changes one thing from the default of its model (seed "
-        f"{rows[0]['config']['seed']}; full ranking, history masked; early stopping on validation NDCG@10 "
-        "of 3000 users, patience "
-        f"{rows[0]['config']['patience']}). Δ: test metric minus its model's default in this run. "
-        "The three-seed std of the default (docs/results/seqrec.md) is ~0.0015 on HR@10 and ~0.0006 on "
-        "NDCG@10 for SASRec, ~0.0011 on both for FAME: single-seed differences of that size are noise.",
+        *[f"- `{m['command']}` at commit {m['commit']} ({m['wall_minutes']:.0f} min)" for m in raw["meta"]],
         "",
-        "| variant | change | epochs (best) | test HR@10 | Δ | test NDCG@10 | Δ |",
-        "|---|---|---|---|---|---|---|",
+        "Each row changes one thing from the default of its model; full ranking, history masked; early "
+        "stopping on validation NDCG@10 of 3000 users, patience "
+        f"{raw['runs'][0]['config']['patience']}. Δ: the row's mean test metric minus its model's default "
+        "on the same seeds. The three-seed std of the defaults (docs/results/seqrec.md) is ~0.0015 on HR@10 "
+        "and ~0.0006 on NDCG@10 for SASRec, ~0.0011 on both for FAME: single-seed differences of that size "
+        "are noise.",
+        "",
+        "| variant | change | seeds | epochs (best) | test HR@10 | Δ | test NDCG@10 | Δ |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        ref = base.get(r["variant"].split()[0])
-        hr, ndcg = r["test"]["HR@10"], r["test"]["NDCG@10"]
-        d_hr = f"{hr - ref['test']['HR@10']:+.4f}" if ref and ref is not r else ""
-        d_ndcg = f"{ndcg - ref['test']['NDCG@10']:+.4f}" if ref and ref is not r else ""
-        text.append(f"| {r['variant']} | {r['change']} | {r['epochs_run']} ({r['best_epoch']}) | {hr:.4f} | "
-                    f"{d_hr} | {ndcg:.4f} | {d_ndcg} |")
+    for name, runs in by_variant.items():
+        seeds = sorted(runs)
+        default = by_variant.get(f"{name.split()[0]} default", {})
+        cells = []
+        for metric in ("HR@10", "NDCG@10"):
+            cells.append(_mean_std([runs[s]["test"][metric] for s in seeds]))
+            shared = [s for s in seeds if s in default]
+            if name.endswith("default") or not shared:
+                cells.append("")
+            else:
+                delta = np.mean([runs[s]["test"][metric] - default[s]["test"][metric] for s in shared])
+                cells.append(f"{delta:+.4f}" + ("" if shared == seeds else f" (seeds {shared})"))
+        epochs = ", ".join(f"{runs[s]['epochs_run']} ({runs[s]['best_epoch']})" for s in seeds)
+        change = next(iter(runs.values()))["change"]
+        text.append(f"| {name} | {change} | {', '.join(map(str, seeds))} | {epochs} | " + " | ".join(cells) + " |")
     text += ["", "Targets for reference: RecBole's SASRec (cross-entropy) HR@10 0.083 / NDCG@10 0.0416."]
     atomic_write_text(out / "seqrec_variants.md", "\n".join(text) + "\n")
 
@@ -188,16 +213,24 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default="../shared/data", help="folder holding amazon-beauty/")
     p.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], choices=list(BY_NAME),
                    metavar="NAME", help="which variants (quoted names; default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--workers", type=int, default=2, help="variants trained side by side")
+    p.add_argument("--workers", type=int, default=2, help="runs trained side by side")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    p.add_argument("--merge", action="store_true",
+                   help="add to OUT/seqrec_variants.json (replacing runs of the same variant and seed)")
+    p.add_argument("--from-json", action="store_true", help="only re-render the table from OUT/seqrec_variants.json")
     args = p.parse_args(argv)
     out = Path(args.out)
+    path = out / "seqrec_variants.json"
+    if args.from_json:
+        render(_read(path), out)
+        return 0
     started, commit = time.time(), _git_commit()
-    jobs = [(name, args.data_dir, args.epochs, args.patience, args.threads, args.seed) for name in args.variants]
+    jobs = [(name, args.data_dir, args.epochs, args.patience, args.threads, seed)
+            for name in args.variants for seed in args.seeds]
     # FAME variants are the slowest: start them first so the two workers finish together.
     order = sorted(range(len(jobs)), key=lambda i: not jobs[i][0].startswith("fame"))
     if args.workers > 1:
@@ -212,10 +245,16 @@ def main(argv=None) -> int:
         runs[i] = run
     command = "python benchmarks/seqrec_variants.py " + " ".join(
         f"'{a}'" if " " in a else a for a in (argv if argv is not None else sys.argv[1:]))
-    raw = {"meta": {"command": command.strip(), "commit": commit, "workers": args.workers,
-                    "wall_minutes": (time.time() - started) / 60, "load_average_end": os.getloadavg()[0]},
-           "runs": runs}
-    atomic_write_json(out / "seqrec_variants.json", raw)
+    meta = {"command": command.strip(), "commit": commit, "workers": args.workers,
+            "wall_minutes": (time.time() - started) / 60, "load_average_end": os.getloadavg()[0]}
+    raw = {"meta": [], "runs": []}
+    if args.merge and path.is_file():
+        raw = _read(path)
+        new = {(r["variant"], r["config"]["seed"]) for r in runs}
+        raw["runs"] = [r for r in raw["runs"] if (r["variant"], r["config"]["seed"]) not in new]
+    raw["meta"].append(meta)
+    raw["runs"] += runs
+    atomic_write_json(path, raw)
     render(raw, out)
     return 0
 
