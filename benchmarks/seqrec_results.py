@@ -314,8 +314,8 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
         verdicts = _verdicts(dataset, runs)
         text += verdicts + [""]
         if any("**missed**" in v for v in verdicts) and (out / "seqrec_variants.md").is_file():
-            text += ["What was tried against the missed targets (single-seed variants of both models on Beauty): "
-                     "[seqrec_variants.md](seqrec_variants.md).", ""]
+            text += ["What was tried against the missed targets (variants of both models on Beauty, mostly "
+                     "single-seed): [seqrec_variants.md](seqrec_variants.md).", ""]
         facet = entry.get("facets")
         if facet:
             names, table, counts = facet["categories"], np.array(facet["gate"]), facet["counts"]
