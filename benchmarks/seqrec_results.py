@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,23 @@ def _heatmap(names, table, counts, title: str, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def run_side_by_side(fn: Callable, jobs: list[tuple], workers: int, slow_first: Callable) -> list:
+    """fn(*job) for every job, in `workers` spawned processes (one each, so torch threads do not fight),
+    jobs sorted by `slow_first(job)` so the slow ones start first and the workers finish together.
+    Results come back in the order of `jobs`."""
+    if workers <= 1:
+        return [fn(*job) for job in jobs]
+    import multiprocessing
+
+    order = sorted(range(len(jobs)), key=lambda i: slow_first(jobs[i]))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        done = pool.starmap(fn, [jobs[i] for i in order])
+    results = [None] * len(jobs)
+    for i, result in zip(order, done, strict=True):
+        results[i] = result
+    return results
+
+
 def run_job(args: argparse.Namespace, dataset: str, model: str, seed: int, epochs: int):
     """Train one (dataset, model, seed): (result without tensors, FAME facets for the first seed or None)."""
     data = load_sequences(dataset, Path(args.data_dir) / dataset_folder(dataset))
@@ -160,18 +178,9 @@ def main(argv=None) -> int:
         cap = dict(zip(args.datasets, args.epochs, strict=True))
         jobs = [(args, d, m, seed, cap[d]) for d in args.datasets for m in args.models for seed in args.seeds]
         started, load_before, commit = time.time(), os.getloadavg()[0], _git_commit()  # the code that runs
-        if args.workers > 1:
-            # Runs side by side, one process each (--threads threads); the longest (Beauty, FAME) start first.
-            import multiprocessing
-
-            order = sorted(range(len(jobs)), key=lambda i: (jobs[i][1] != "beauty", jobs[i][2] != "fame"))
-            with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-                done = pool.starmap(run_job, [jobs[i] for i in order])
-            outcomes = [None] * len(jobs)
-            for i, outcome in zip(order, done, strict=True):
-                outcomes[i] = outcome
-        else:
-            outcomes = [run_job(*job) for job in jobs]
+        # The longest runs (Beauty, FAME) start first.
+        outcomes = run_side_by_side(run_job, jobs, args.workers, slow_first=lambda job: (job[1] != "beauty",
+                                                                                          job[2] != "fame"))
         meta = {
             "command": command,
             "commit": commit,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.seqrec_results import _git_commit  # noqa: E402
+from benchmarks.seqrec_results import _git_commit, run_side_by_side  # noqa: E402
 from moekit.data.sequences import dataset_folder, load_sequences  # noqa: E402
 from moekit.layers.experts import FeedForward  # noqa: E402
 from moekit.models.sequential import CausalSelfAttention, SASRec, SASRecConfig, attention_mask  # noqa: E402
@@ -231,18 +231,8 @@ def main(argv=None) -> int:
     started, commit = time.time(), _git_commit()
     jobs = [(name, args.data_dir, args.epochs, args.patience, args.threads, seed)
             for name in args.variants for seed in args.seeds]
-    # FAME variants are the slowest: start them first so the two workers finish together.
-    order = sorted(range(len(jobs)), key=lambda i: not jobs[i][0].startswith("fame"))
-    if args.workers > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            done = pool.starmap(run_variant, [jobs[i] for i in order])
-    else:
-        done = [run_variant(*jobs[i]) for i in order]
-    runs = [None] * len(jobs)
-    for i, run in zip(order, done, strict=True):
-        runs[i] = run
+    # FAME variants are the slowest.
+    runs = run_side_by_side(run_variant, jobs, args.workers, slow_first=lambda job: not job[0].startswith("fame"))
     command = "python benchmarks/seqrec_variants.py " + " ".join(
         f"'{a}'" if " " in a else a for a in (argv if argv is not None else sys.argv[1:]))
     meta = {"command": command.strip(), "commit": commit, "workers": args.workers,
