@@ -307,7 +307,8 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
                if meta["wall_minutes"] == meta["wall_minutes"] else "wall time not recorded."),
             "",
             f"Model: max_len {cfg['max_len']}, hidden {cfg['hidden']}, {cfg['num_layers']} layers, "
-            f"{cfg['num_heads']} heads, dropout {cfg['dropout']}, Adam lr {cfg['lr']}, batch {cfg['batch_size']}, "
+            + ", ".join(f"{m} {rs[0]['config']['num_heads']} heads" for m, rs in runs.items())
+            + f", dropout {cfg['dropout']}, Adam lr {cfg['lr']}, batch {cfg['batch_size']}, "
             f"patience {cfg['patience']} on {cfg['valid_users'] or 'all'} validation users, "
             + (f"learning rate x{cfg['lr_decay']} after {cfg['lr_patience']} epochs without a better validation "
                "NDCG@10" if cfg.get("lr_decay") else "constant learning rate")

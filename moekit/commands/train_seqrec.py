@@ -23,7 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=None,
+                        help="attention heads (default: 4 for SASRec, 2 for FAME, each model's best on Beauty)")
+    parser.add_argument("--positions", choices=["end", "start"], default="end",
+                        help="position index counted back from the newest item (SASRec paper) or from the "
+                        "oldest item in the window (RecBole)")
     parser.add_argument("--experts", type=int, default=4, help="FAME: query experts per head")
     parser.add_argument("--head-mixing", choices=["logits", "probability"], default="logits",
                         help="FAME: mix the heads' item scores, or their softmax distributions (--loss ce)")
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = SeqRecTrainConfig(
             dataset=args.dataset, data_dir=args.data_dir, min_rating=args.min_rating, core=args.core,
             model=args.model, loss=args.loss, max_len=args.max_len, hidden=args.hidden,
-            num_layers=args.layers, num_heads=args.heads, num_experts=args.experts, head_mixing=args.head_mixing,
+            num_layers=args.layers, num_heads=args.heads, positions=args.positions, num_experts=args.experts,
+            head_mixing=args.head_mixing,
             dropout=args.dropout, attn_dropout=args.dropout, epochs=args.epochs, patience=args.patience,
             batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
             eval_protocol=args.eval_protocol, valid_users=args.valid_users, threads=args.threads, seed=seed,

@@ -38,8 +38,15 @@ class SASRecConfig:
     ffn_mult: int = 4  # FFN width = ffn_mult * hidden (RecBole's 256 for hidden 64)
     dropout: float = 0.5  # the SASRec paper's choice for sparse Amazon data
     attn_dropout: float = 0.5
+    # Which position index each item gets: 'end' counts back from the most recent item (the SASRec
+    # reference code's left-padded layout: the newest item is always at max_len - 1); 'start' counts
+    # from the oldest item in the window (RecBole's layout), so a training prefix of length t sits at
+    # the same positions as a test history of length t.
+    positions: str = "end"
 
     def __post_init__(self) -> None:
+        if self.positions not in ("end", "start"):
+            raise ValueError(f"positions must be 'end' or 'start' (got {self.positions!r})")
         if self.num_items < 1:
             raise ValueError(f"num_items must be >= 1 (got {self.num_items})")
         if self.hidden % self.num_heads:
@@ -139,19 +146,26 @@ class SASRec(nn.Module):
 
     def embed(self, items_BT: Tensor) -> tuple[Tensor, Tensor]:
         """Input embeddings and attention mask. Sequences are left-padded: the last column is the
-        most recent item; positions count from the end of the max_len window, so trimming leading
-        all-padding columns leaves the output unchanged."""
+        most recent item; either position layout (config.positions) leaves the output unchanged
+        when leading all-padding columns are trimmed."""
         B, T = items_BT.shape
         if T > self.config.max_len:
             raise ValueError(f"sequence length {T} > max_len={self.config.max_len}")
         if items_BT.numel() and (int(items_BT.min()) < 0 or int(items_BT.max()) > self.config.num_items):
             raise ValueError(f"item ids must be in 0..{self.config.num_items} (0 = padding), got "
                              f"{int(items_BT.min())}..{int(items_BT.max())}")
-        pos_T = torch.arange(self.config.max_len - T, self.config.max_len, device=items_BT.device)
         # sqrt(D) scaling of item embeddings as in the SASRec reference code.
-        x_BTD = self.item_emb(items_BT) * math.sqrt(self.config.hidden) + self.pos_emb(pos_T)
+        x_BTD = self.item_emb(items_BT) * math.sqrt(self.config.hidden) + self.pos_emb(self.position_ids(items_BT))
         x_BTD = self.drop(x_BTD) * (items_BT != 0).unsqueeze(-1)  # padding rows are exactly zero
         return x_BTD, attention_mask(items_BT)
+
+    def position_ids(self, items_BT: Tensor) -> Tensor:
+        """(T,) or (B, T) indices into pos_emb; padding columns get any index (their rows are zeroed)."""
+        T = items_BT.shape[1]
+        if self.config.positions == "end":
+            return torch.arange(self.config.max_len - T, self.config.max_len, device=items_BT.device)
+        # Left-padded rows: the first real item is 0; a position depends only on earlier columns.
+        return ((items_BT != 0).cumsum(1) - 1).clamp_min(0)
 
     def forward(self, items_BT: Tensor) -> Tensor:
         """Hidden state after each position: (B, T) item ids -> (B, T, D)."""

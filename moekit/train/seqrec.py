@@ -32,6 +32,7 @@ from moekit.train.metrics import mask_history, ranking_metrics, sampled_target_r
 from moekit.train.reproducibility import check_finite, seed_everything
 
 KS = (5, 10, 20)
+DEFAULT_HEADS = {"sasrec": 4, "fame": 2}  # see SeqRecTrainConfig.num_heads
 
 
 @dataclass
@@ -45,9 +46,10 @@ class SeqRecTrainConfig:
     max_len: int = 50
     hidden: int = 64
     num_layers: int = 2
-    # 2 heads: seqrec.md's setting. SASRec with 4 heads is better on Beauty (NDCG@10 +0.0023 over 3
-    # seeds, docs/results/seqrec_variants.md), FAME with 4 heads worse; pass --heads per model.
-    num_heads: int = 2
+    # None: each model's best on Beauty (docs/results/seqrec_variants.md): SASRec 4 (NDCG@10 +0.0023
+    # over 2 heads, 3 seeds), FAME 2 (with 4 its facets are 16 wide: NDCG@10 -0.0023).
+    num_heads: int | None = None
+    positions: str = "end"  # end | start (see SASRecConfig.positions)
     num_experts: int = 4
     head_mixing: str = "logits"  # FAME: 'logits' (gate-weighted head scores) | 'probability' (see FAMEConfig)
     # lr 3e-3 and dropout 0.3: SASRec's best Beauty validation NDCG@10 comes after 6-13 epochs
@@ -77,10 +79,13 @@ class SeqRecTrainConfig:
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
 
     def __post_init__(self) -> None:
-        choices = {"model": ("sasrec", "fame"), "loss": ("ce", "bce"), "eval_protocol": ("full", "sampled")}
+        choices = {"model": ("sasrec", "fame"), "loss": ("ce", "bce"), "eval_protocol": ("full", "sampled"),
+                   "positions": ("end", "start")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if self.num_heads is None:
+            self.num_heads = DEFAULT_HEADS[self.model]
         for name in ("epochs", "batch_size", "eval_batch_size", "num_negatives", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -95,9 +100,9 @@ class SeqRecTrainConfig:
                              "softmax per head); use head_mixing='logits' with loss='bce'")
 
     def model_config(self, num_items: int) -> SASRecConfig:
-        common = dict(num_items=num_items, max_len=self.max_len, hidden=self.hidden,
-                      num_layers=self.num_layers,
-                      num_heads=self.num_heads, dropout=self.dropout, attn_dropout=self.attn_dropout)
+        common = dict(num_items=num_items, max_len=self.max_len, hidden=self.hidden, num_layers=self.num_layers,
+                      num_heads=self.num_heads, positions=self.positions, dropout=self.dropout,
+                      attn_dropout=self.attn_dropout)
         if self.model == "fame":
             return FAMEConfig(**common, num_experts=self.num_experts, head_mixing=self.head_mixing)
         return SASRecConfig(**common)

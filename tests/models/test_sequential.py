@@ -22,9 +22,10 @@ def _models(**kw):
     return sas, fame
 
 
+@pytest.mark.parametrize("positions", ["end", "start"])
 @pytest.mark.parametrize("which", [0, 1])
-def test_later_items_never_change_earlier_outputs(which):
-    model = _models()[which]
+def test_later_items_never_change_earlier_outputs(which, positions):
+    model = _models(positions=positions)[which]
     items = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2]])
     changed = items.clone()
     changed[0, 5:] = torch.tensor([11, 12, 13])
@@ -33,9 +34,10 @@ def test_later_items_never_change_earlier_outputs(which):
     assert not torch.allclose(h[:, 5:], h_changed[:, 5:])
 
 
+@pytest.mark.parametrize("positions", ["end", "start"])
 @pytest.mark.parametrize("which", [0, 1])
-def test_padding_never_affects_scores(which):
-    model = _models()[which]
+def test_padding_never_affects_scores(which, positions):
+    model = _models(positions=positions)[which]
     seq = [3, 7, 1, 9]
     short = model.scores(torch.tensor([seq]))
     padded = model.scores(torch.tensor([[0, 0, 0, 0] + seq]))
@@ -47,12 +49,25 @@ def test_padding_never_affects_scores(which):
     assert torch.isneginf(padded[:, 0]).all()  # padding is never recommended
 
 
+@pytest.mark.parametrize("positions", ["end", "start"])
 @pytest.mark.parametrize("which", [0, 1])
-def test_batch_rows_are_independent(which):
-    model = _models()[which]
+def test_batch_rows_are_independent(which, positions):
+    model = _models(positions=positions)[which]
     a, b = torch.tensor([[0, 0, 5, 6, 7]]), torch.tensor([[1, 2, 3, 4, 8]])
     both = model.scores(torch.cat([a, b]))
     torch.testing.assert_close(both, torch.cat([model.scores(a), model.scores(b)]))
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_positions_from_start_make_a_prefix_score_as_a_history(which):
+    """With positions='start' the output after item t of a training window equals the output of the
+    history that ends at t, fed alone (left-padded); with 'end' the two differ (positions shift)."""
+    window = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2]])
+    for positions, same in (("start", True), ("end", False)):
+        model = _models(positions=positions)[which]
+        h_window = model(window)[0, 4]  # after items 3, 7, 1
+        h_alone = model(torch.tensor([[0, 0, 0, 0, 0, 3, 7, 1]]))[0, -1]
+        assert torch.allclose(h_window, h_alone, atol=1e-6) is same, positions
 
 
 def test_fame_with_one_head_and_one_expert_is_sasrec():
@@ -163,6 +178,8 @@ def test_config_and_input_errors():
         SASRecConfig(10, hidden=10, num_heads=3)
     with pytest.raises(ValueError, match="head_mixing"):
         FAMEConfig(10, head_mixing="max")
+    with pytest.raises(ValueError, match="positions must be 'end' or 'start'"):
+        SASRecConfig(10, positions="middle")
     with pytest.raises(ValueError, match="model 'fame' needs a FAMEConfig"):
         build_model("fame", SASRecConfig(10))
     sas, fame = _models()

@@ -203,6 +203,12 @@ def test_train_config_errors(tmp_path):
     with pytest.raises(ValueError, match="head_mixing='probability' needs loss='ce'"):
         SeqRecTrainConfig(model="fame", loss="bce", head_mixing="probability")
     assert SeqRecTrainConfig(model="fame", head_mixing="probability").model_config(5).head_mixing == "probability"
+    # Heads: each model's own default unless given; the model gets what the config says.
+    assert SeqRecTrainConfig(model="sasrec").model_config(5).num_heads == 4
+    assert SeqRecTrainConfig(model="fame").model_config(5).num_heads == 2
+    assert SeqRecTrainConfig(model="fame", num_heads=4, positions="start").model_config(5).positions == "start"
+    with pytest.raises(ValueError, match="positions must be one of end, start"):
+        SeqRecTrainConfig(positions="middle")
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_checkpoint(tmp_path)
 
