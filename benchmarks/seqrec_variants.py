@@ -211,7 +211,9 @@ def render(raw: dict, out: Path) -> None:
         "| variant | change | seeds | epochs (best) | test HR@10 | Δ | test NDCG@10 | Δ |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, runs in by_variant.items():
+    order = [v.name for v in VARIANTS]  # the list's order; variants no longer listed go last
+    for name in sorted(by_variant, key=lambda n: order.index(n) if n in order else len(order)):
+        runs = by_variant[name]
         seeds = sorted(runs)
         default = by_variant.get(f"{name.split()[0]} default", {})
         cells = []
@@ -224,7 +226,7 @@ def render(raw: dict, out: Path) -> None:
                 delta = np.mean([runs[s]["test"][metric] - default[s]["test"][metric] for s in shared])
                 cells.append(f"{delta:+.4f}" + ("" if shared == seeds else f" (seeds {shared})"))
         epochs = ", ".join(f"{runs[s]['epochs_run']} ({runs[s]['best_epoch']})" for s in seeds)
-        change = next(iter(runs.values()))["change"]
+        change = BY_NAME[name].change if name in BY_NAME else next(iter(runs.values()))["change"]
         text.append(f"| {name} | {change} | {', '.join(map(str, seeds))} | {epochs} | " + " | ".join(cells) + " |")
     text += ["", "Targets for reference: RecBole's SASRec (cross-entropy) HR@10 0.083 / NDCG@10 0.0416."]
     atomic_write_text(out / "seqrec_variants.md", "\n".join(text) + "\n")
