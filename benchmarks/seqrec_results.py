@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moekit.data.sequences import dataset_folder, load_sequences  # noqa: E402
+from moekit.data.sequences import DATASETS, dataset_folder, load_sequences  # noqa: E402
 from moekit.train.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.train.seqrec import SeqRecTrainConfig, head_gate_by_category, train  # noqa: E402
 
@@ -257,9 +257,16 @@ def _load(meta: dict) -> str:
     return f"1-minute load average {before} at the start, {after} at the end; "
 
 
+def _valid_users(cfg: dict, data: dict) -> str:
+    users = data["eval_users"]
+    if cfg["valid_users"] and cfg["valid_users"] < users:
+        return f"{cfg['valid_users']} random validation users (of {users:,})"
+    return f"all {users:,} validation users"
+
+
 def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
     """docs/results/seqrec.md (+ facet PNGs) from the results JSON."""
-    datasets = [d for d in raw if d != "meta"]
+    datasets = sorted((d for d in raw if d != "meta"), key=DATASETS.index)  # Beauty first, as the issue
     cfg0 = raw[datasets[0]]["runs"]["sasrec" if "sasrec" in raw[datasets[0]]["runs"] else "fame"][0]["config"]
     all_runs = [r for d in datasets for rs in raw[d]["runs"].values() for r in rs]
     loss = (
@@ -309,7 +316,7 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
             f"Model: max_len {cfg['max_len']}, hidden {cfg['hidden']}, {cfg['num_layers']} layers, "
             + ", ".join(f"{m} {rs[0]['config']['num_heads']} heads" for m, rs in runs.items())
             + f", dropout {cfg['dropout']}, Adam lr {cfg['lr']}, batch {cfg['batch_size']}, "
-            f"patience {cfg['patience']} on {cfg['valid_users'] or 'all'} validation users, "
+            f"patience {cfg['patience']} on {_valid_users(cfg, next(iter(runs.values()))[0]['data'])}, "
             + (f"learning rate x{cfg['lr_decay']} after {cfg['lr_patience']} epochs without a better validation "
                "NDCG@10" if cfg.get("lr_decay") else "constant learning rate")
             + f"; FAME: {cfg['num_experts']} query experts per head in the last layer, "

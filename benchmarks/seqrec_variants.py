@@ -140,6 +140,10 @@ VARIANTS = [
             {"positions": "start"}),
     Variant("sasrec 4 heads, positions from start", "4 attention heads and positions from the oldest item",
             {"num_heads": 4, "positions": "start"}),
+    Variant("sasrec RecBole recipe", "RecBole's SASRec settings together: post-LN layout, positions from the "
+            "oldest item, dropout 0.5, lr 1e-3, patience 10 on all validation users, epoch cap 100",
+            {"positions": "start", "dropout": 0.5, "attn_dropout": 0.5, "lr": 1e-3, "patience": 10,
+             "valid_users": None, "epochs": 100}, model_class=PostNormSASRec),
     Variant("fame default", "FAME, defaults (2 heads, 4 experts, head scores mixed)", {"model": "fame"}),
     Variant("fame 4 heads", "FAME with 4 heads (facets of width 16)", {"model": "fame", "num_heads": 4}),
     Variant("fame 2 experts", "FAME with 2 query experts per head", {"model": "fame", "num_experts": 2}),
@@ -162,9 +166,8 @@ def model_factory(variant: Variant) -> Callable[[str, SASRecConfig], SASRec]:
 def run_variant(name: str, data_dir: str, epochs: int, patience: int, threads: int, seed: int) -> dict:
     variant = BY_NAME[name]
     data = load_sequences("beauty", Path(data_dir) / dataset_folder("beauty"))
-    overrides = {**BASELINE, **variant.overrides}
-    cfg = SeqRecTrainConfig(dataset="beauty", epochs=epochs, patience=patience, valid_users=3000,
-                            threads=threads, seed=seed, progress=False, **overrides)
+    settings = {"epochs": epochs, "patience": patience, "valid_users": 3000, **BASELINE, **variant.overrides}
+    cfg = SeqRecTrainConfig(dataset="beauty", threads=threads, seed=seed, progress=False, **settings)
     result = train(cfg, data, model_factory(variant))
     print(f"{name}: test HR@10 {result['test']['HR@10']:.4f} NDCG@10 {result['test']['NDCG@10']:.4f} "
           f"({result['epochs_run']} epochs, best {result['best_epoch']}, {result['train_seconds']:.0f} s)",
