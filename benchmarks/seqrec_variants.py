@@ -35,7 +35,15 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.seqrec_results import _git_commit, run_side_by_side  # noqa: E402
 from moekit.data.sequences import dataset_folder, load_sequences  # noqa: E402
 from moekit.layers.experts import FeedForward  # noqa: E402
-from moekit.models.sequential import FAME, CausalSelfAttention, SASRec, SASRecConfig, attention_mask  # noqa: E402
+from moekit.models.sequential import (  # noqa: E402
+    FAME,
+    Block,
+    CausalSelfAttention,
+    FAMEBlock,
+    SASRec,
+    SASRecConfig,
+    attention_mask,
+)  # noqa: E402
 from moekit.models.sequential import build_model as default_model  # noqa: E402
 from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.train.seqrec import SeqRecTrainConfig, train  # noqa: E402
@@ -108,6 +116,45 @@ class SummedHeadsFAME(FAME):
         return super().head_gate(h_PD) * self.config.num_heads
 
 
+class FourHeadsBelowFAME(FAME):
+    """FAME whose lower blocks attend with 4 heads (SASRec's best on Beauty) while its last layer keeps
+    config.num_heads facets: the head count of the backbone and the number of facets are separate
+    choices, and FAME with 2 facets otherwise gives its backbone 2 heads."""
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__(config)
+        lower = dataclasses.replace(config, num_heads=4)
+        self.blocks = nn.ModuleList(Block(lower) for _ in range(self._num_plain_blocks()))
+        self.blocks.apply(self._init_weights)
+
+
+class SharedFFNBlock(FAMEBlock):
+    """FAME's last layer with SASRec's full-width feed-forward: the heads' attention outputs (each its
+    own MoE of query experts) are concatenated, go through one D-wide FFN, and are split into facets
+    again only for scoring. The facets lose their private FFN and gain SASRec's FFN capacity (with
+    2 heads FAME's shared K-wide FFN has a quarter of SASRec's last-layer FFN weights)."""
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__(config)
+        D = config.hidden
+        self.ln2 = nn.LayerNorm(D)
+        self.ffn = FeedForward(D, config.ffn_mult * D, expert_type="mlp", activation="gelu", bias=True)
+
+    def forward(self, x_BTD: Tensor, mask_B1TT: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, D = x_BTD.shape
+        y_BTHK, r_BTHN = self.attn(self.ln1(x_BTD), mask_B1TT)
+        x_BTD = x_BTD + self.drop(y_BTHK.flatten(2))
+        x_BTD = x_BTD + self.drop(self.ffn(self.ln2(x_BTD)))
+        return self.ln_f(x_BTD.view(B, T, self.H, self.K)), r_BTHN
+
+
+class SharedFFNFAME(FAME):
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__(config)
+        self.last = SharedFFNBlock(config)
+        self.last.apply(self._init_weights)
+
+
 # ---------------------------------------------------------------------------------------------
 # The variants
 
@@ -144,6 +191,13 @@ VARIANTS = [
             "oldest item, dropout 0.5, lr 1e-3, patience 10 on all validation users, epoch cap 100",
             {"positions": "start", "dropout": 0.5, "attn_dropout": 0.5, "lr": 1e-3, "patience": 10,
              "valid_users": None, "epochs": 100}, model_class=PostNormSASRec),
+    Variant("sasrec 4 heads, batch 128", "4 heads, batches of 128 sequences (twice the updates per epoch)",
+            {"num_heads": 4, "batch_size": 128}),
+    Variant("sasrec 4 heads, batch 64", "4 heads, batches of 64 sequences (4x the updates per epoch)",
+            {"num_heads": 4, "batch_size": 64}),
+    Variant("sasrec 4 heads, 3 layers", "4 heads, 3 transformer blocks", {"num_heads": 4, "num_layers": 3}),
+    Variant("sasrec 4 heads, lr decay", "4 heads, learning rate halved after 2 epochs without a better "
+            "validation NDCG@10", {"num_heads": 4, "lr_decay": 0.5}),
     Variant("fame default", "FAME, defaults (2 heads, 4 experts, head scores mixed)", {"model": "fame"}),
     Variant("fame 4 heads", "FAME with 4 heads (facets of width 16)", {"model": "fame", "num_heads": 4}),
     Variant("fame 2 experts", "FAME with 2 query experts per head", {"model": "fame", "num_experts": 2}),
@@ -153,6 +207,10 @@ VARIANTS = [
             {"model": "fame"}, model_class=SummedHeadsFAME),
     Variant("fame positions from start", "FAME with positions from the oldest item",
             {"model": "fame", "positions": "start"}),
+    Variant("fame 4 heads below", "FAME, lower block with 4 heads (SASRec's best), last layer 2 facets",
+            {"model": "fame"}, model_class=FourHeadsBelowFAME),
+    Variant("fame shared FFN", "FAME, last layer's facets share one D-wide FFN (SASRec's) instead of a "
+            "K-wide one each", {"model": "fame"}, model_class=SharedFFNFAME),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
 
