@@ -48,8 +48,13 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _std(values: list[float]) -> float:
+    """Sample std over seeds; 0 for a single seed (numpy's ddof=1 would give NaN and a warning)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.4f}"
+    return f"{np.mean(values):.4f} ± {_std(values):.4f}"
 
 
 def _table(rows: dict[str, list[dict]], published) -> str:
@@ -225,7 +230,7 @@ def _verdicts(dataset: str, runs: dict) -> list[str]:
         )
     if "sasrec" in runs and "fame" in runs:
         gap = np.mean(ndcg["fame"]) - np.mean(ndcg["sasrec"])
-        spread = max(np.std(ndcg["fame"], ddof=1), np.std(ndcg["sasrec"], ddof=1))
+        spread = max(_std(ndcg["fame"]), _std(ndcg["sasrec"]))
         ok = gap > spread
         lines.append(
             f"- Target FAME beats SASRec (same loss) on NDCG@10 by more than the seed spread: "

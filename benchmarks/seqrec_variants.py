@@ -198,6 +198,8 @@ VARIANTS = [
     Variant("sasrec 4 heads, 3 layers", "4 heads, 3 transformer blocks", {"num_heads": 4, "num_layers": 3}),
     Variant("sasrec 4 heads, lr decay", "4 heads, learning rate halved after 2 epochs without a better "
             "validation NDCG@10", {"num_heads": 4, "lr_decay": 0.5}),
+    Variant("sasrec 4 heads, batch 128, lr decay", "4 heads, batches of 128, learning rate halved after 2 "
+            "epochs without a better validation NDCG@10", {"num_heads": 4, "batch_size": 128, "lr_decay": 0.5}),
     Variant("fame default", "FAME, defaults (2 heads, 4 experts, head scores mixed)", {"model": "fame"}),
     Variant("fame 4 heads", "FAME with 4 heads (facets of width 16)", {"model": "fame", "num_heads": 4}),
     Variant("fame 2 experts", "FAME with 2 query experts per head", {"model": "fame", "num_experts": 2}),
