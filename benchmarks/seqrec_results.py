@@ -116,20 +116,21 @@ def run_side_by_side(fn: Callable, jobs: list[tuple], workers: int, slow_first: 
 def run_job(args: argparse.Namespace, dataset: str, model: str, seed: int, epochs: int):
     """Train one (dataset, model, seed): (result without tensors, FAME facets for the first seed or None)."""
     data = load_sequences(dataset, Path(args.data_dir) / dataset_folder(dataset))
+    # Training settings not given on the command line stay `moekit train seqrec`'s defaults.
+    given = {name: getattr(args, name) for name in ("lr", "lr_decay", "batch_size") if getattr(args, name) is not None}
+    if args.dropout is not None:
+        given.update(dropout=args.dropout, attn_dropout=args.dropout)
     cfg = SeqRecTrainConfig(
         dataset=dataset,
         model=model,
         loss=args.loss,
         epochs=epochs,
         patience=args.patience,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        dropout=args.dropout,
-        attn_dropout=args.dropout,
         valid_users=args.valid_users or None,
         threads=args.threads,
         seed=seed,
         progress=args.workers == 1,
+        **given,
     )
     result = train(cfg, data)
     print(
@@ -162,10 +163,12 @@ def main(argv=None) -> int:
         help="epoch cap per dataset (same order as --datasets)",
     )
     p.add_argument("--patience", type=int, default=5, help="epochs without a better validation NDCG@10")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--lr", type=float, default=None, help="default: `moekit train seqrec`'s")
+    p.add_argument("--dropout", type=float, default=None, help="default: `moekit train seqrec`'s")
+    p.add_argument("--batch-size", type=int, default=None, help="default: `moekit train seqrec`'s")
+    p.add_argument("--lr-decay", type=float, default=None, help="ReduceLROnPlateau factor "
+                   "(default: `moekit train seqrec`'s)")
     p.add_argument("--valid-users", type=int, default=3000, help="early-stopping users (0: all)")
-    p.add_argument("--lr-decay", type=float, default=None, help="ReduceLROnPlateau factor (default: constant lr)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--workers", type=int, default=2, help="runs trained side by side (one process each)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))

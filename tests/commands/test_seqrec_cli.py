@@ -35,3 +35,24 @@ def test_train_then_recommend(tmp_path, capsys):
     assert printed.count("(1999)") >= 3 + 5 and "[Drama]" in printed  # 5 history lines + 3 picks
     assert main(["recommend", "--ckpt", str(out), "--user", "99"]) == 1
     assert "user 99 is not in ml-100k" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_training_config_defaults():
+    """`moekit train seqrec` with no options trains what SeqRecTrainConfig() describes (the CLI keeps
+    its own numbers so that `--help` shows them without importing torch)."""
+    import dataclasses
+
+    from moekit.cli import build_parser
+    from moekit.train.seqrec import SeqRecTrainConfig
+
+    args = build_parser().parse_args(["train", "seqrec"])
+    cli_to_config = {"layers": "num_layers", "heads": "num_heads", "experts": "num_experts", "out": "out_dir"}
+    config = {f.name: f.default for f in dataclasses.fields(SeqRecTrainConfig)}
+    checked = 0
+    for dest, value in vars(args).items():
+        name = cli_to_config.get(dest, dest)
+        if name in config and name not in ("out_dir", "seed"):
+            assert value == config[name], f"--{dest.replace('_', '-')} defaults to {value!r}, config {config[name]!r}"
+            checked += 1
+    assert config["dropout"] == config["attn_dropout"] == args.dropout  # one --dropout sets both
+    assert checked >= 15
