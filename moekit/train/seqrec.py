@@ -142,19 +142,26 @@ def _trim(items_BT: torch.Tensor) -> int:
 
 
 def train_loss(model: SASRec, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, loss: str,
-               num_items: int, generator: torch.Generator) -> torch.Tensor:
+               num_items: int, generator: torch.Generator, targets_per_batch: float) -> torch.Tensor:
+    """One batch's next-item loss: the sum over its targets divided by `targets_per_batch` (the
+    epoch's mean number of targets per batch), so every target weighs the same. A plain batch mean
+    would not: length-bucketed batches of 3-item sequences hold ~17x fewer targets than batches of
+    50-item windows, and each of their targets would weigh ~17x more (a per-user, not a per-target,
+    objective; on Beauty it cost SASRec ~0.012 test HR@10, docs/results/seqrec_variants.md)."""
     start = _trim(inputs_BT)
     inputs_BT, targets_BT = inputs_BT[:, start:], targets_BT[:, start:]
     h_BTD = model(inputs_BT)
     keep_BT = targets_BT != 0
     h_PD, target_P = h_BTD[keep_BT], targets_BT[keep_BT]  # only real positions are scored
     if loss == "ce":
-        return model.next_item_loss(h_PD, target_P)
-    negative_P = sample_unseen_negatives(inputs_BT, targets_BT, num_items, generator)[keep_BT]
-    scores_P2 = model.logits(h_PD, torch.stack([target_P, negative_P], 1))
-    labels_P2 = torch.zeros_like(scores_P2)
-    labels_P2[:, 0] = 1.0
-    return F.binary_cross_entropy_with_logits(scores_P2, labels_P2)
+        mean = model.next_item_loss(h_PD, target_P)
+    else:
+        negative_P = sample_unseen_negatives(inputs_BT, targets_BT, num_items, generator)[keep_BT]
+        scores_P2 = model.logits(h_PD, torch.stack([target_P, negative_P], 1))
+        labels_P2 = torch.zeros_like(scores_P2)
+        labels_P2[:, 0] = 1.0
+        mean = F.binary_cross_entropy_with_logits(scores_P2, labels_P2)
+    return mean * (len(target_P) / targets_per_batch)
 
 
 def sample_unseen_negatives(inputs_BT: torch.Tensor, targets_BT: torch.Tensor, num_items: int,
@@ -236,6 +243,8 @@ def train(cfg: SeqRecTrainConfig, data: SequenceDataset | None = None,
     split = leave_one_out(data.sequences)
     inputs_WT, targets_WT = (torch.from_numpy(a) for a in training_windows(split.train, cfg.max_len))
     lengths_W = (inputs_WT != 0).sum(1)
+    num_targets = int((targets_WT != 0).sum())
+    targets_per_batch = num_targets / math.ceil(len(inputs_WT) / cfg.batch_size)
     model = model_factory(cfg.model, cfg.model_config(data.num_items))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = None
@@ -263,7 +272,8 @@ def train(cfg: SeqRecTrainConfig, data: SequenceDataset | None = None,
         t0 = time.perf_counter()
         total, batches = 0.0, 0
         for idx in length_bucketed_batches(lengths_W, cfg.batch_size, generator):
-            loss = train_loss(model, inputs_WT[idx], targets_WT[idx], cfg.loss, data.num_items, generator)
+            loss = train_loss(model, inputs_WT[idx], targets_WT[idx], cfg.loss, data.num_items, generator,
+                              targets_per_batch)
             check_finite(loss, step, str(ckpt) if ckpt else "")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

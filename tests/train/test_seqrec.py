@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moekit.data.sequences import SequenceDataset
-from moekit.models.sequential import SASRec, build_model
+from moekit.models.sequential import SASRec, SASRecConfig, build_model
 from moekit.train.metrics import mask_history, ranking_metrics, sampled_target_ranks, target_ranks
 from moekit.train.seqrec import (
     SeqRecTrainConfig,
@@ -22,6 +22,7 @@ from moekit.train.seqrec import (
     sample_negatives,
     sample_unseen_negatives,
     train,
+    train_loss,
     training_windows,
 )
 
@@ -85,6 +86,34 @@ def test_length_buckets_are_a_permutation():
     lengths = torch.tensor([5, 1, 3, 3, 2, 8, 1])
     batches = length_bucketed_batches(lengths, 3, torch.Generator().manual_seed(0))
     assert sorted(torch.cat(batches).tolist()) == list(range(7))
+
+
+def test_every_training_target_weighs_the_same_however_batches_are_cut():
+    """The batches' losses add up to (number of batches) x the mean loss over all targets, computed
+    target by target in a plain loop: a target in a batch of short sequences does not count more."""
+    torch.manual_seed(0)
+    sequences = [[1, 2, 3], [4, 5, 6], [2, 7], [1, 3, 5, 7, 9, 2, 4, 6, 8], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
+    inputs, targets = (torch.from_numpy(a) for a in training_windows(sequences, max_len=8))
+    batches = length_bucketed_batches((inputs != 0).sum(1), 2, torch.Generator().manual_seed(0))
+    sizes = [int((targets[idx] != 0).sum()) for idx in batches]
+    assert len(set(sizes)) > 1  # 2 + 2 + 1 + 8 + 8 targets: batches of very different sizes
+    # Positions from the start: a prefix fed alone gets the states it has inside its window.
+    config = SASRecConfig(num_items=9, max_len=8, hidden=8, num_heads=2, num_layers=1, positions="start")
+    model = SASRec(config).eval()
+    torch.nn.init.normal_(model.item_emb.weight, std=1.0)  # targets with clearly different losses
+    per_batch = sum(sizes) / len(batches)
+    g = torch.Generator().manual_seed(1)
+    nll = []
+    with torch.no_grad():
+        losses = [float(train_loss(model, inputs[idx], targets[idx], "ce", 9, g, per_batch)) for idx in batches]
+        for seq in sequences:
+            for t in range(1, len(seq)):  # predict seq[t] from seq[:t]
+                h = model(torch.tensor([seq[:t]]))[0, -1]
+                nll.append(-float(torch.log_softmax(h @ model.item_emb.weight[1:].T, -1)[seq[t] - 1]))
+    assert sum(losses) / len(batches) == pytest.approx(np.mean(nll), rel=1e-5)
+    # The plain batch mean this replaces weighs the short batches' targets up, and differs.
+    batch_means = [loss * per_batch / n for loss, n in zip(losses, sizes, strict=True)]
+    assert abs(np.mean(batch_means) - np.mean(nll)) > 0.05
 
 
 class _FixedScores(torch.nn.Module):
