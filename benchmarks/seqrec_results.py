@@ -294,7 +294,7 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
         "the candidates. Test metrics of the epoch with the best validation NDCG@10 (the validation users, "
         "a fixed random subset or all, and the learning-rate schedule are in each dataset's model line). "
         f"Both models trained with the same loss ({loss}), every position of a training sequence "
-        "predicting its next item. "
+        "predicting its next item and every such target weighing the same in the loss. "
         "Mean ± sample std over seeds "
         f"{sorted({r['config']['seed'] for r in raw[datasets[0]]['runs']['sasrec']})}.",
         "",

@@ -225,6 +225,11 @@ VARIANTS = [
             {"model": "fame"}, model_class=FourHeadsBelowFAME),
     Variant("fame shared FFN", "FAME, last layer's facets share one D-wide FFN (SASRec's) instead of a "
             "K-wide one each", {"model": "fame"}, model_class=SharedFFNFAME),
+    # FAME with every target weighing the same (moekit's training loss since the per-target row).
+    Variant("fame default, per-target weights", "FAME defaults, every training target weighs the same",
+            {"model": "fame"}),
+    Variant("fame 4 heads, per-target weights", "4 heads (facets of width 16)", {"model": "fame", "num_heads": 4},
+            reference="fame default, per-target weights"),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -307,11 +312,12 @@ def render(raw: dict, out: Path) -> None:
         text.append(f"| {name} | {change} | {', '.join(map(str, seeds))} | {epochs} | {compared} | "
                     + " | ".join(cells) + " |")
     text += ["", "Targets for reference: RecBole's SASRec (cross-entropy) HR@10 0.083 / NDCG@10 0.0416.", "",
-             "Every row above `sasrec 4 heads, per-target weights` was trained with a plain mean loss per "
-             "length-bucketed batch, the training loss of moekit before that row: it weighs a target by one over "
+             "Every SASRec row above `sasrec 4 heads, per-target weights` and every FAME row above `fame default, "
+             "per-target weights` was trained with a plain mean loss per "
+             "length-bucketed batch, the training loss of moekit before those rows: it weighs a target by one over "
              "its batch's target count, so a target in a batch of 3-item sequences counted ~17x one in a batch "
-             "of 50-item windows. That row weighs every target the same (the batch's summed loss over the mean "
-             "number of targets per batch), which is moekit's training loss since; the rows after it, and any "
+             "of 50-item windows. Those two rows weigh every target the same (the batch's summed loss over the mean "
+             "number of targets per batch), which is moekit's training loss since; the rows after them, and any "
              "row rerun now, train with it."]
     atomic_write_text(out / "seqrec_variants.md", "\n".join(text) + "\n")
 

@@ -9,7 +9,8 @@ higher and are not comparable with full-ranking ones.
 
 Training: every position of the training part of a sequence predicts the next item, with full
 softmax cross-entropy over all items (`loss='ce'`) or one sampled negative and binary
-cross-entropy (`loss='bce'`, the SASRec paper). Early stopping on validation NDCG@10.
+cross-entropy (`loss='bce'`, the SASRec paper); every target weighs the same in the loss, however
+the length-bucketed batches are cut (see `train_loss`). Early stopping on validation NDCG@10.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class SeqRecTrainConfig:
     num_layers: int = 2
     # None: each model's best on Beauty (docs/results/seqrec_variants.md): SASRec 4 (NDCG@10 +0.0023
     # over 2 heads, 3 seeds; on ML-100K -0.0019, inside its 0.006 seed std), FAME 2 (with 4 its
-    # facets are 16 wide: NDCG@10 -0.0023).
+    # facets are 16 wide: NDCG@10 -0.0023). These and the settings below were chosen with the
+    # per-batch mean loss that moekit trained with before every target weighed the same.
     num_heads: int | None = None
     positions: str = "end"  # end | start (see SASRecConfig.positions)
     num_experts: int = 4
