@@ -230,6 +230,18 @@ VARIANTS = [
             {"model": "fame"}),
     Variant("fame 4 heads, per-target weights", "4 heads (facets of width 16)", {"model": "fame", "num_heads": 4},
             reference="fame default, per-target weights"),
+    Variant("fame probability mixing, per-target weights", "the gate mixes the heads' softmax distributions "
+            "(the paper's mixture of softmaxes), not their scores", {"model": "fame", "head_mixing": "probability"},
+            reference="fame default, per-target weights"),
+    Variant("fame 2 experts, per-target weights", "2 query experts per head", {"model": "fame", "num_experts": 2},
+            reference="fame default, per-target weights"),
+    Variant("fame summed heads, per-target weights", "head weights sum to H (an even gate adds the head scores)",
+            {"model": "fame"}, model_class=SummedHeadsFAME, reference="fame default, per-target weights"),
+    Variant("fame summed heads, 2 experts, per-target weights", "summed head weights and 2 query experts per head",
+            {"model": "fame", "num_experts": 2}, model_class=SummedHeadsFAME,
+            reference="fame default, per-target weights"),
+    Variant("fame hidden 128, per-target weights", "hidden 128: facets 64 wide, as wide as SASRec's whole state",
+            {"model": "fame", "hidden": 128}, reference="fame default, per-target weights"),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
 
