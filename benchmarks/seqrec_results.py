@@ -328,8 +328,9 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
             + (f"learning rate x{cfg['lr_decay']} after {cfg['lr_patience']} epochs without a better validation "
                "NDCG@10" if cfg.get("lr_decay") else "constant learning rate")
             + f"; FAME: {cfg['num_experts']} query experts per head in the last layer, "
-            "a gate over heads mixing the heads' "
-            + ("softmax distributions." if cfg.get("head_mixing", "probability") == "probability" else "item scores."),
+            + ("a gate over heads mixing the heads' softmax distributions."
+               if cfg.get("head_mixing", "probability") == "probability"
+               else "the heads' item scores added with weights H x a gate over heads (summing to H)."),
             "",
             f"Epoch cap {cap}; per run: epochs run (best epoch).",
             "",

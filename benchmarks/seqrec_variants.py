@@ -107,16 +107,17 @@ class ItemBiasSASRec(SASRec):
         return F.cross_entropy(h_PD @ self.item_emb.weight[1:].T + self.item_bias[1:], target_P - 1)
 
 
-class SummedHeadsFAME(FAME):
-    """FAME whose head weights sum to H instead of 1: with an even gate the score is the sum of the
-    heads' sub-embedding scores, i.e. the full D-wide dot product SASRec scores with, not half of it
-    (with 2 heads), so the logits start at SASRec's scale."""
+class MeanHeadsFAME(FAME):
+    """moekit's FAME before the `fame summed heads` rows: the heads' scores weighted by the gate itself
+    (weights summing to 1), so an even gate gives 1/H of the D-wide dot product SASRec scores with.
+    The FAME rows that ran before summed weights became the default use it, so rerunning them
+    reproduces what they recorded."""
 
-    def head_gate(self, h_PD: Tensor) -> Tensor:
-        return super().head_gate(h_PD) * self.config.num_heads
+    def score_weights(self, gate_PH: Tensor) -> Tensor:
+        return gate_PH
 
 
-class FourHeadsBelowFAME(FAME):
+class FourHeadsBelowFAME(MeanHeadsFAME):
     """FAME whose lower blocks attend with 4 heads (SASRec's best on Beauty) while its last layer keeps
     config.num_heads facets: the head count of the backbone and the number of facets are separate
     choices, and FAME with 2 facets otherwise gives its backbone 2 heads."""
@@ -148,7 +149,7 @@ class SharedFFNBlock(FAMEBlock):
         return self.ln_f(x_BTD.view(B, T, self.H, self.K)), r_BTHN
 
 
-class SharedFFNFAME(FAME):
+class SharedFFNFAME(MeanHeadsFAME):
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__(config)
         self.last = SharedFFNBlock(config)
@@ -212,36 +213,41 @@ VARIANTS = [
     # it is moekit's training loss since (train_loss), so rerunning any row above now trains with it.
     Variant("sasrec 4 heads, per-target weights", "every training target weighs the same, not every batch",
             {"num_heads": 4}, reference="sasrec 4 heads"),
-    Variant("fame default", "FAME, defaults (2 heads, 4 experts, head scores mixed)", {"model": "fame"}),
-    Variant("fame 4 heads", "FAME with 4 heads (facets of width 16)", {"model": "fame", "num_heads": 4}),
-    Variant("fame 2 experts", "FAME with 2 query experts per head", {"model": "fame", "num_experts": 2}),
+    Variant("fame default", "FAME, defaults then (2 heads, 4 experts, head scores weighted by the gate, "
+            "weights summing to 1)",
+            {"model": "fame"}, model_class=MeanHeadsFAME),
+    Variant("fame 4 heads", "FAME with 4 heads (facets of width 16)", {"model": "fame", "num_heads": 4},
+            model_class=MeanHeadsFAME),
+    Variant("fame 2 experts", "FAME with 2 query experts per head", {"model": "fame", "num_experts": 2},
+            model_class=MeanHeadsFAME),
     Variant("fame hidden 128", "FAME with hidden 128: facets 64 wide, as wide as SASRec's whole state",
-            {"model": "fame", "hidden": 128}),
+            {"model": "fame", "hidden": 128}, model_class=MeanHeadsFAME),
     Variant("fame summed heads", "FAME, head weights sum to H (an even gate adds the head scores)",
-            {"model": "fame"}, model_class=SummedHeadsFAME),
+            {"model": "fame"}),
     Variant("fame positions from start", "FAME with positions from the oldest item",
-            {"model": "fame", "positions": "start"}),
+            {"model": "fame", "positions": "start"}, model_class=MeanHeadsFAME),
     Variant("fame 4 heads below", "FAME, lower block with 4 heads (SASRec's best), last layer 2 facets",
             {"model": "fame"}, model_class=FourHeadsBelowFAME),
     Variant("fame shared FFN", "FAME, last layer's facets share one D-wide FFN (SASRec's) instead of a "
             "K-wide one each", {"model": "fame"}, model_class=SharedFFNFAME),
     # FAME with every target weighing the same (moekit's training loss since the per-target row).
-    Variant("fame default, per-target weights", "FAME defaults, every training target weighs the same",
-            {"model": "fame"}),
+    Variant("fame default, per-target weights", "FAME defaults then, every training target weighs the same",
+            {"model": "fame"}, model_class=MeanHeadsFAME),
     Variant("fame 4 heads, per-target weights", "4 heads (facets of width 16)", {"model": "fame", "num_heads": 4},
-            reference="fame default, per-target weights"),
+            model_class=MeanHeadsFAME, reference="fame default, per-target weights"),
     Variant("fame probability mixing, per-target weights", "the gate mixes the heads' softmax distributions "
             "(the paper's mixture of softmaxes), not their scores", {"model": "fame", "head_mixing": "probability"},
             reference="fame default, per-target weights"),
     Variant("fame 2 experts, per-target weights", "2 query experts per head", {"model": "fame", "num_experts": 2},
-            reference="fame default, per-target weights"),
+            model_class=MeanHeadsFAME, reference="fame default, per-target weights"),
     Variant("fame summed heads, per-target weights", "head weights sum to H (an even gate adds the head scores)",
-            {"model": "fame"}, model_class=SummedHeadsFAME, reference="fame default, per-target weights"),
+            {"model": "fame"}, reference="fame default, per-target weights"),
     Variant("fame summed heads, 2 experts, per-target weights", "summed head weights and 2 query experts per head",
-            {"model": "fame", "num_experts": 2}, model_class=SummedHeadsFAME,
+            {"model": "fame", "num_experts": 2},
             reference="fame default, per-target weights"),
     Variant("fame hidden 128, per-target weights", "hidden 128: facets 64 wide, as wide as SASRec's whole state",
-            {"model": "fame", "hidden": 128}, reference="fame default, per-target weights"),
+            {"model": "fame", "hidden": 128}, model_class=MeanHeadsFAME,
+            reference="fame default, per-target weights"),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -330,7 +336,11 @@ def render(raw: dict, out: Path) -> None:
              "its batch's target count, so a target in a batch of 3-item sequences counted ~17x one in a batch "
              "of 50-item windows. Those two rows weigh every target the same (the batch's summed loss over the mean "
              "number of targets per batch), which is moekit's training loss since; the rows after them, and any "
-             "row rerun now, train with it."]
+             "row rerun now, train with it.", "",
+             "Head weights in the FAME rows: the `fame summed heads` rows weigh the heads' scores by H times the "
+             "head gate (weights summing to H), moekit's FAME since those rows; `fame probability mixing` mixes "
+             "the heads' softmax distributions by the gate; every other FAME row weighs the heads' scores by the "
+             "gate itself (weights summing to 1), moekit's FAME before (the script's `MeanHeadsFAME`)."]
     atomic_write_text(out / "seqrec_variants.md", "\n".join(text) + "\n")
 
 

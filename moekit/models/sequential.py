@@ -63,10 +63,11 @@ class SASRecConfig:
 @dataclass
 class FAMEConfig(SASRecConfig):
     num_experts: int = 4  # query-projection experts inside each head of the last layer
-    # How the head gate combines the heads: 'logits' mixes the heads' item scores (the issue's "a gate
-    # over heads combines the head scores"; with cross-entropy it trained faster and better on Beauty
-    # than the alternative), 'probability' mixes the heads' softmax distributions (a mixture of
-    # softmaxes; the log of the mixture is the score; full-softmax cross-entropy only).
+    # How the head gate combines the heads: 'logits' adds the heads' item scores weighted by H times
+    # the gate (the issue's "a gate over heads combines the head scores"; with cross-entropy it trained
+    # faster and better on Beauty than the alternative), 'probability' mixes the heads' softmax
+    # distributions (a mixture of softmaxes; the log of the mixture is the score; full-softmax
+    # cross-entropy only).
     head_mixing: str = "logits"
 
     def __post_init__(self) -> None:
@@ -311,12 +312,19 @@ class FAME(SASRec):
             head_PHI = torch.einsum("phk,pchk->phc", h_PHK, sub_PCHK)
         return FAMEOutput(head_PHI, gate_PH)
 
+    def score_weights(self, gate_PH: Tensor) -> Tensor:
+        """(P, H) weights of the heads' scores under 'logits' mixing: H * gate, summing to H. With an
+        even gate the score is the sum of the heads' sub-embedding scores, the full D-wide dot product
+        SASRec scores with; weights summing to one would start every score at 1/H of that scale (on
+        Beauty, 3 seeds: test NDCG@10 0.0543 vs 0.0521; docs/results/seqrec_variants.md)."""
+        return gate_PH * self.config.num_heads
+
     def logits(self, h_PD: Tensor, items: Tensor | None = None) -> Tensor:
         """'probability' mixing: log sum_h g_h softmax_h(scores) over all items (a log-probability,
-        so cross-entropy on it is the mixture's NLL); 'logits' mixing: sum_h g_h scores_h."""
+        so cross-entropy on it is the mixture's NLL); 'logits' mixing: sum_h H g_h scores_h."""
         out = self.heads(h_PD, items)
         if self.config.head_mixing == "logits":
-            return (out.gate_PH.unsqueeze(-1) * out.head_logits_PHI).sum(1)
+            return (self.score_weights(out.gate_PH).unsqueeze(-1) * out.head_logits_PHI).sum(1)
         if items is not None:
             raise ValueError("FAME with head_mixing='probability' scores against the full item set only; "
                              "use head_mixing='logits' for sampled negatives (loss='bce')")
@@ -338,7 +346,7 @@ class FAME(SASRec):
         head_HPI = torch.bmm(h_HPK, sub_HIK.transpose(1, 2))  # contiguous per head
         gate_PH = self.head_gate(h_PD)
         if self.config.head_mixing == "logits":
-            return F.cross_entropy(torch.einsum("ph,hpi->pi", gate_PH, head_HPI), target_P - 1)
+            return F.cross_entropy(torch.einsum("ph,hpi->pi", self.score_weights(gate_PH), head_HPI), target_P - 1)
         nll_HP = F.cross_entropy(head_HPI.flatten(0, 1).float(), (target_P - 1).repeat(H),
                                  reduction="none").view(H, P)
         return -torch.logsumexp(gate_PH.float().log() - nll_HP.T, dim=1).mean()

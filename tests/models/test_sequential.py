@@ -112,7 +112,7 @@ def test_fame_mixtures_match_a_plain_loop():
         s = h_PD[:, h * K:(h + 1) * K] @ sub.T
         s[:, 0] = float("-inf")
         prob += gate[:, h:h + 1] * torch.softmax(s, -1)
-        logit += gate[:, h:h + 1] * s
+        logit += H * gate[:, h:h + 1] * s  # 'logits' mixing: weights H * gate, summing to H
     torch.testing.assert_close(fame.logits(h_PD), prob.log(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fame.heads(h_PD).gate_PH.sum(-1), torch.ones(2))
     fame.config.head_mixing = "logits"
@@ -139,10 +139,11 @@ def test_next_item_loss_is_the_mixture_nll_from_a_plain_loop():
     for a, b in zip(torch.autograd.grad(loss, [h_PD, fame.gate.weight, fame.item_proj_HDK]),
                     torch.autograd.grad(nll, [h_PD, fame.gate.weight, fame.item_proj_HDK]), strict=True):
         torch.testing.assert_close(a, b)
-    # 'logits' mixing: cross-entropy of the gate-weighted head scores.
+    # 'logits' mixing: cross-entropy of the head scores weighted by H * gate.
     fame.config.head_mixing = "logits"
     gate = torch.softmax(fame.gate(h_PD), -1)
-    mixed = sum(gate[:, h:h + 1] * (h_PD[:, h * K:(h + 1) * K] @ (fame.item_emb.weight[1:] @ fame.item_proj_HDK[h]).T)
+    mixed = sum(H * gate[:, h:h + 1]
+                * (h_PD[:, h * K:(h + 1) * K] @ (fame.item_emb.weight[1:] @ fame.item_proj_HDK[h]).T)
                 for h in range(H))
     loss = fame.next_item_loss(h_PD, target_P)
     reference = torch.nn.functional.cross_entropy(mixed, target_P - 1)
