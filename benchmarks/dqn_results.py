@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.retrieval_results import commit  # noqa: E402
 from moekit.commands.info import environment_summary  # noqa: E402
 from moekit.data.movielens import load_movielens  # noqa: E402
+from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.rl.simulator import MovieLensSimulator, SimulatorConfig  # noqa: E402
 from moekit.train.dqn import (  # noqa: E402
     DQNTrainConfig,
@@ -34,7 +35,6 @@ from moekit.train.dqn import (  # noqa: E402
     random_policy,
     train_dqn,
 )
-from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def main() -> None:

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from moekit.train.io import atomic_write_json, atomic_write_text
+    from moekit.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(out.with_suffix(".json"), {"args": vars(args), "commit": _commit(), "rows": rows})
     atomic_write_text(out, _markdown(args, rows, model_bytes))

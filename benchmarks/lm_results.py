@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moekit.cli import MALLOC_TUNABLES  # noqa: E402
-from moekit.train.io import atomic_write_text  # noqa: E402
+from moekit.io import atomic_write_text  # noqa: E402
 from moekit.train.lm import load_lm_config  # noqa: E402
 
 CONFIGS = {"dense": "configs/lm/shakespeare_dense.yaml", "moe": "configs/lm/shakespeare_moe.yaml"}

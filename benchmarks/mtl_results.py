@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.data.census import load_census_income  # noqa: E402
+from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.models.multitask import MultiTaskOptions  # noqa: E402
-from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.train.mtl import MTLTrainConfig, fit_one, gate_table, plot_gate_heatmap  # noqa: E402
 
 MOEKIT_MODELS = ("shared_bottom", "omoe", "mmoe", "ple")

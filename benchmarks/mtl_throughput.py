@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.data.census import load_census_income  # noqa: E402
+from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.models.multitask import MultiTaskModel, MultiTaskOptions  # noqa: E402
-from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.train.mtl import MTLTrainConfig, make_adam, train_epoch  # noqa: E402
 from moekit.train.reproducibility import seed_everything  # noqa: E402
 

@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.retrieval_results import commit  # noqa: E402
 from moekit.commands.info import environment_summary  # noqa: E402
 from moekit.data.movielens import load_movielens  # noqa: E402
+from moekit.io import atomic_write_text  # noqa: E402
 from moekit.models.two_tower import TwoTower, TwoTowerConfig  # noqa: E402
-from moekit.train.io import atomic_write_text  # noqa: E402
 from moekit.train.retrieval import ItemIndex, prepare_retrieval_data  # noqa: E402
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from moekit.commands.info import environment_summary  # noqa: E402
 from moekit.data.movielens import load_movielens  # noqa: E402
-from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
+from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.train.retrieval import (  # noqa: E402
     KS,
     RetrievalTrainConfig,

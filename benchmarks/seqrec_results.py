@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.data.sequences import DATASETS, dataset_folder, load_sequences  # noqa: E402
-from moekit.train.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from moekit.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.train.seqrec import SeqRecTrainConfig, head_gate_by_category, train  # noqa: E402
 
 # Published full-ranking numbers on this exact Beauty file (leave-one-out, all items).

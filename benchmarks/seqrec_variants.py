@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.seqrec_results import _git_commit, run_side_by_side  # noqa: E402
 from moekit.data.sequences import dataset_folder, load_sequences  # noqa: E402
+from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.layers.experts import FeedForward  # noqa: E402
 from moekit.models.sequential import (  # noqa: E402
     FAME,
@@ -45,7 +46,6 @@ from moekit.models.sequential import (  # noqa: E402
     attention_mask,
 )  # noqa: E402
 from moekit.models.sequential import build_model as default_model  # noqa: E402
-from moekit.train.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.train.seqrec import SeqRecTrainConfig, train  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------

@@ -154,8 +154,8 @@ def run_multitask(cfg: DemoConfig, run_dir: Path) -> dict:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run both parts and write the report; returns the run folder."""
+    from moekit.io import atomic_write_json
     from moekit.report import write_demo_report
-    from moekit.train.io import atomic_write_json
     from moekit.train.reproducibility import seed_everything
 
     seed_everything(cfg.seed)

@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from moekit.train.io import atomic_write_text
+from moekit.io import atomic_write_text
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; color: #222; line-height: 1.45; }

@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from moekit.commands.info import environment_summary
-    from moekit.train.io import atomic_write_json, atomic_write_text
+    from moekit.io import atomic_write_json, atomic_write_text
     from moekit.train.reproducibility import seed_everything
 
     seed_everything(args.seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekit.train.io import atomic_write_bytes, atomic_write_json
+from moekit.io import atomic_write_bytes, atomic_write_json
 
 
 class ByteTokenizer:

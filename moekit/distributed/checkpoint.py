@@ -11,7 +11,7 @@ A checkpoint folder:
     trainer.safetensors (optional)    trainer tensors such as RNG states
 
 Only the first replica of each shard writes, so data-parallel copies do not race on one file.
-Every file is written atomically (moekit.train.io).
+Every file is written atomically (moekit.io).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit.distributed.expert_parallel import ExpertParallelGroups, expert_parameter_names, moe_layers
-from moekit.train.io import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
+from moekit.io import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
 
 FORMAT = "moekit-expert-parallel/1"
 LAYOUT, DENSE, TRAINER = "layout.json", "dense.safetensors", "trainer.safetensors"

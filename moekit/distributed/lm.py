@@ -35,7 +35,7 @@ from moekit.distributed.expert_parallel import (
     parallelize_experts,
     sync_gradients,
 )
-from moekit.train.io import atomic_write_json, load_tensors
+from moekit.io import atomic_write_json, load_tensors
 from moekit.train.lm import LMResults, LMTrainConfig, Parallelism, StepResult, forward_backward, train_lm
 from moekit.train.reproducibility import check_finite
 

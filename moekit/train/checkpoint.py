@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.train.io import atomic_write_json, load_tensors, save_tensors
+from moekit.io import atomic_write_json, load_tensors, save_tensors
 
 LATEST = "latest.json"
 

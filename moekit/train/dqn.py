@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from moekit.data.movielens import MovieLens, load_movielens
+from moekit.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.rl.dqn import QNetwork, QNetworkConfig, dqn_loss, masked_argmax, q_targets
 from moekit.rl.replay import ReplayBuffer
 from moekit.rl.simulator import MovieLensSimulator, RecommendationEnv, SimulatorConfig
-from moekit.train.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.train.reproducibility import check_finite, seed_everything
 
 # A policy maps (user, state, action mask) to an item; the user is used only by greedy-MF.
@@ -235,7 +235,7 @@ def plot_reward_curve(curves: dict[str, list[float]] | list[float], path: str | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moekit.train.io import atomic_write_bytes
+    from moekit.io import atomic_write_bytes
 
     if not isinstance(curves, dict):
         curves = {"DQN": curves}

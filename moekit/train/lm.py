@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from moekit.data.text import TokenData, prepare_text_data
+from moekit.io import atomic_write_json, atomic_write_text
 from moekit.models.transformer import Transformer, TransformerConfig
 from moekit.train.balancing import attach_expert_bias_updates
 from moekit.train.checkpoint import find_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
-from moekit.train.io import atomic_write_json, atomic_write_text
 from moekit.train.reproducibility import check_finite, seed_everything
 
 

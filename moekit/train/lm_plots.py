@@ -17,7 +17,7 @@ def _pyplot():
 
 def plot_loss_curves(runs: dict[str, list[dict]], path: str | os.PathLike) -> Path:
     """Training loss (thin) and validation loss (markers) against tokens, one colour per run."""
-    from moekit.train.io import atomic_write_bytes
+    from moekit.io import atomic_write_bytes
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -44,7 +44,7 @@ def plot_expert_load(load_rows: list[dict], path: str | os.PathLike, last_fracti
     """
     import numpy as np
 
-    from moekit.train.io import atomic_write_bytes
+    from moekit.io import atomic_write_bytes
 
     plt = _pyplot()
     steps = sorted({int(r["step"]) for r in load_rows})

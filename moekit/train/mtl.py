@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.data.tabular import FeatureSpec, TabularBatch
+from moekit.io import atomic_write_json, load_tensors, save_tensors
 from moekit.models.multitask import MultiTaskConfig, MultiTaskModel, MultiTaskOptions
-from moekit.train.io import atomic_write_json, load_tensors, save_tensors
 from moekit.train.metrics import roc_auc
 from moekit.train.reproducibility import check_finite, seed_everything
 
@@ -338,7 +338,7 @@ def plot_gate_heatmap(panels: dict[str, tuple[dict[str, list[float]], list[str]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moekit.train.io import atomic_write_bytes
+    from moekit.io import atomic_write_bytes
 
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.3 + 1.1 * len(panels) * 1.6), squeeze=False)
     for ax, (name, (gates, experts)) in zip(axes[:, 0], panels.items(), strict=True):

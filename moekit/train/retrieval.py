@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from moekit.data.movielens import MovieLens, leave_last_out, load_movielens, user_sequences
+from moekit.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.models.two_tower import TwoTower, TwoTowerConfig, in_batch_softmax_loss
-from moekit.train.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.train.metrics import recall_hit_at_k, top_k_excluding
 from moekit.train.reproducibility import check_finite, seed_everything
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from moekit.data.sequences import LeaveOneOut, SequenceDataset, leave_one_out, load_sequences, pad_left
+from moekit.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.models.sequential import FAME, FAMEConfig, SASRec, SASRecConfig, build_model
-from moekit.train.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.train.metrics import mask_history, ranking_metrics, sampled_target_ranks, target_ranks
 from moekit.train.reproducibility import check_finite, seed_everything
 

@@ -18,7 +18,7 @@ from moekit.cli import main
 from moekit.distributed import parallelize_experts
 from moekit.distributed.checkpoint import read_layout, save_checkpoint
 from moekit.distributed.expert_parallel import ExpertParallelGroups
-from moekit.train.io import load_tensors
+from moekit.io import load_tensors
 
 
 def _model() -> nn.Module:

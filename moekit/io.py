@@ -1,4 +1,4 @@
-"""Files that must never be left half-written: checkpoints, reports, metrics.
+"""Files that must never be left half-written: checkpoints, reports, metrics, converted weights.
 
 Everything goes to a temporary file in the same folder, is flushed to disk, then renamed over the
 target, so a crash leaves either the old file or the new one.

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moekit.train.io import read_checkpoint_config
+from moekit.io import read_checkpoint_config
 
 
 def test_read_checkpoint_config(tmp_path):
