@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.models.pretrained import Pretrained
+
 ARCHITECTURES = ("shared_bottom", "omoe", "mmoe", "ple")
 TASK_TYPES = ("binary", "regression")
 GATES = ("softmax", "attention")
@@ -385,8 +387,14 @@ class MultiTaskOutput:
 # ---------------------------------------------------------------------------------------------- model
 
 
-class MultiTaskModel(nn.Module):
-    """Shared-Bottom, OMoE, MMoE or PLE (by `config.architecture`), with a tower per task."""
+class MultiTaskModel(Pretrained, nn.Module):
+    """Shared-Bottom, OMoE, MMoE or PLE (by `config.architecture`), with a tower per task.
+
+    `forward(cat_NC, num_NF)` takes encoded features (see `moekit.data.tabular.FeatureSpec`) and returns
+    a `MultiTaskOutput` with one logit per row and task."""
+
+    config_class = MultiTaskConfig
+    family = "mtl"
 
     def __init__(self, config: MultiTaskConfig) -> None:
         super().__init__()

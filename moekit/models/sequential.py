@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.layers.experts import FeedForward
+from moekit.models.pretrained import Pretrained
 
 
 @dataclass
@@ -121,7 +122,14 @@ class Block(nn.Module):
         return x_BTD + self.drop(self.ffn(self.ln2(x_BTD)))
 
 
-class SASRec(nn.Module):
+class SASRec(Pretrained, nn.Module):
+    """SASRec (Kang & McAuley 2018): item + position embeddings -> causal self-attention blocks -> a
+    hidden state per position, scored against the item table (shared input/output embeddings).
+    `forward(items_BT)` gives (B, T, D) states; `scores(items_BT)` every item's score for the next step."""
+
+    config_class = SASRecConfig
+    family = "seqrec"
+
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
         self.config = config
@@ -266,6 +274,12 @@ class FAMEBlock(nn.Module):
 
 
 class FAME(SASRec):
+    """FAME (Liu et al. 2025, facet-aware multi-head MoE): SASRec whose last layer keeps its heads
+    apart; each head scores items in its own facet with a mixture of query experts, and a gate
+    weighs the heads' scores (see `score_weights`)."""
+
+    config_class = FAMEConfig
+
     def __init__(self, config: FAMEConfig) -> None:
         super().__init__(config)
         D, H = config.hidden, config.num_heads

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from moekit.layers.config import EXPERT_TYPES, MoEConfig
 from moekit.layers.experts import FeedForward, GroupedExperts
 from moekit.layers.moe import MoE
+from moekit.models.pretrained import Pretrained
 
 
 class RMSNorm(nn.Module):
@@ -211,6 +212,13 @@ class TransformerConfig:
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
 
+    @staticmethod
+    def _prepare_config_dict(data: dict) -> dict:
+        """For `moekit.config.build_dataclass`: the MoE layers take the model's width unless told otherwise."""
+        if isinstance(data.get("moe"), dict):
+            data["moe"] = {"d_model": data.get("d_model", TransformerConfig.d_model), **data["moe"]}
+        return data
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         if self.moe is None or layer_idx < self.first_dense_layers:
             return False
@@ -242,7 +250,14 @@ class TransformerOutput:
     """Layer index -> assignments dropped by capacity."""
 
 
-class Transformer(nn.Module):
+class Transformer(Pretrained, nn.Module):
+    """A decoder-only LM: token embedding -> `n_layer` pre-norm blocks (attention + dense or MoE FFN) ->
+    RMSNorm -> LM head. `forward(idx, targets)` returns (logits, `TransformerOutput`); `generate`
+    samples with a KV cache; `save_pretrained` / `from_pretrained` write and read a model folder."""
+
+    config_class = TransformerConfig
+    family = "lm"
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config

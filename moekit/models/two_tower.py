@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from moekit.layers.config import MoEConfig
 from moekit.layers.experts import FeedForward
 from moekit.layers.moe import MoE
+from moekit.models.pretrained import Pretrained
 
 TOWERS = ("mlp", "moe")
 POOLINGS = ("mean", "attention")
@@ -108,9 +109,12 @@ class Tower(nn.Module):
         return TowerOutput(F.normalize(self.proj_out(h_BH), dim=-1), aux, counts)
 
 
-class TwoTower(nn.Module):
+class TwoTower(Pretrained, nn.Module):
     """User tower(user id, gender, age group, occupation, pooled history) and item tower(item id,
     genres, year bucket). Side features are buffers, so a checkpoint carries them."""
+
+    config_class = TwoTowerConfig
+    family = "two-tower"
 
     def __init__(self, config: TwoTowerConfig) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from moekit.layers.config import MoEConfig
 from moekit.layers.experts import FeedForward
 from moekit.layers.moe import MoE
+from moekit.models.pretrained import Pretrained
 
 
 @dataclass
@@ -43,7 +44,13 @@ class QNetworkConfig:
             raise ValueError(f"num_items and dim must be >= 1 (got {self.num_items}, {self.dim})")
 
 
-class QNetwork(nn.Module):
+class QNetwork(Pretrained, nn.Module):
+    """Q(state, item) for every item: the state (recent liked items) is pooled, passed through a dense or
+    MoE block and scored against an output embedding per item (plus a per-item bias)."""
+
+    config_class = QNetworkConfig
+    family = "dqn"
+
     def __init__(self, config: QNetworkConfig) -> None:
         super().__init__()
         self.config = c = config
