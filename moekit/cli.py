@@ -13,29 +13,36 @@ import os
 import sys
 from collections.abc import Sequence
 
+from moekit import __version__
+
 # (command words) -> module implementing it. Add a line here to add a subcommand.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("demo",): "moekit.commands.demo",
     ("info",): "moekit.commands.info",
+    ("configs",): "moekit.commands.configs",
     ("bench", "layer"): "moekit.commands.bench_layer",
     ("train", "lm"): "moekit.commands.train_lm",
-    ("eval", "lm"): "moekit.commands.eval_lm",
-    ("generate",): "moekit.commands.generate",
     ("train", "mtl"): "moekit.commands.train_mtl",
+    ("train", "seqrec"): "moekit.commands.train_seqrec",
+    ("train", "two-tower"): "moekit.commands.train_two_tower",
+    ("train", "dqn"): "moekit.commands.train_dqn",
+    ("eval", "lm"): "moekit.commands.eval_lm",
+    ("eval", "mtl"): "moekit.commands.evaluate",
+    ("eval", "seqrec"): "moekit.commands.evaluate",
+    ("eval", "two-tower"): "moekit.commands.evaluate",
+    ("eval", "dqn"): "moekit.commands.evaluate",
+    ("generate",): "moekit.commands.generate",
+    ("recommend",): "moekit.commands.recommend",
+    ("retrieve",): "moekit.commands.retrieve",
     ("checkpoint", "merge"): "moekit.commands.checkpoint_merge",
     ("checkpoint", "reshard"): "moekit.commands.checkpoint_reshard",
-    ("train", "two-tower"): "moekit.commands.train_two_tower",
-    ("retrieve",): "moekit.commands.retrieve",
-    ("train", "dqn"): "moekit.commands.train_dqn",
-    ("train", "seqrec"): "moekit.commands.train_seqrec",
-    ("recommend",): "moekit.commands.recommend",
 }
 
 # Group help for commands that only hold subcommands.
 GROUP_HELP = {
-    "bench": "measure moekit against its competitors",
-    "train": "train a model",
-    "eval": "evaluate a trained model",
+    "bench": "measure moekit's MoE layer",
+    "train": "train a model into a run folder",
+    "eval": "evaluate a trained model from its run folder",
     "checkpoint": "merge or re-shard expert-parallel checkpoints",
 }
 
@@ -53,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moekit",
         description="Mixture-of-Experts layers, language models and recommenders for PyTorch.",
     )
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument(
         "--no-malloc-tuning",
@@ -71,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[key] = group.add_subparsers(dest=f"command_{depth + 1}", metavar="SUBCOMMAND",
                                                    required=True)
             subparsers = groups[key]
-        sub = subparsers.add_parser(words[-1], help=module.HELP, description=module.HELP)
+        text = module.HELP if isinstance(module.HELP, str) else module.HELP[words[-1]]
+        sub = subparsers.add_parser(words[-1], help=text, description=text,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
-        sub.set_defaults(_module=module)
+        sub.set_defaults(_module=module, command_words=words)
     return parser
 
 
@@ -100,11 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moekit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `moekit ... | head` closed the pipe: stop quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (CommandError, ValueError, FileNotFoundError, OSError, RuntimeError) as error:
         if args.debug:
             raise
-        print(f"moekit: error: {error}", file=sys.stderr)
-        return 1
+        print(f"moekit: error: {one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (multi-line messages from libraries are joined)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 Official protocol: train on `census-income.data` (199,523 rows) and split `census-income.test`
 (99,762 rows) 1:1 into validation and test with a fixed seed. When only the test file is present the
 loader says so and splits its rows 50/25/25 into train/validation/test with a seeded shuffle; results on
-that protocol are not comparable with published numbers, and `CensusIncome.protocol` says which one ran.
+that protocol are not comparable with published numbers, and `MultiTaskData.protocol` says which one ran.
 
 Features: the label columns of the group (and the census income label in both groups) and the
 instance weight (a sampling weight, not an attribute) are removed; continuous columns are numeric
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from moekit.data.paths import find_file, open_text, resolve_data_dir
-from moekit.data.tabular import FeatureSpec, TabularBatch
+from moekit.data.tabular import FeatureSpec, MultiTaskData, TabularBatch
 
 URL = "https://archive.ics.uci.edu/dataset/117/census+income+kdd"
 TRAIN_FILES = ("census-income.data", "census-income.data.gz")
@@ -67,19 +66,6 @@ GROUP_DROPPED = {1: ("income", "marital_stat", "instance_weight"), 2: DROPPED}
 PROTOCOL_OFFICIAL = "official: train = census-income.data, test file split 1:1 into validation/test"
 PROTOCOL_TEST_ONLY = ("test-file-only fallback: census-income.data missing, the 99,762 test rows shuffled "
                       "and split 50/25/25 into train/validation/test (not comparable to published numbers)")
-
-
-@dataclass
-class CensusIncome:
-    """Encoded splits, the fitted feature spec, task names and which protocol produced them."""
-
-    train: TabularBatch
-    valid: TabularBatch
-    test: TabularBatch
-    spec: FeatureSpec
-    tasks: tuple[str, ...]
-    group: int
-    protocol: str
 
 
 def read_rows(path: Path, max_rows: int | None = None) -> list[list[str]]:
@@ -128,7 +114,7 @@ def load_census_income(
     group: int = 1,
     split_seed: int = 0,
     max_rows: int | None = None,
-) -> CensusIncome:
+) -> MultiTaskData:
     """Load, split and encode Census-Income for one task group (see the module docstring).
 
     `split_seed` fixes the split (kept apart from the training seed so seeds vary only the model).
@@ -137,12 +123,12 @@ def load_census_income(
     if group not in GROUPS:
         raise ValueError(f"group must be 1 or 2, got {group}")
     folder = resolve_data_dir(data_dir, "census-income")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"census-income: folder {folder} does not exist; download the files from "
-                                f"{URL}")
-    test_path = find_file(folder, TEST_FILES, "census-income", URL)
+    if folder.is_file():  # one file: the test file (or the sample moekit ships), no train file
+        test_path, train_path = folder, None
+    else:
+        test_path = find_file(folder, TEST_FILES, "census-income", URL)
+        train_path = next((folder / n for n in TRAIN_FILES if (folder / n).is_file()), None)
     rng = np.random.default_rng(split_seed)
-    train_path = next((folder / n for n in TRAIN_FILES if (folder / n).is_file()), None)
     test_rows = read_rows(test_path, max_rows)
     if train_path is not None:
         train_rows = read_rows(train_path, max_rows)
@@ -152,7 +138,7 @@ def load_census_income(
         test_rows_split = [test_rows[i] for i in order[half:]]
         protocol = PROTOCOL_OFFICIAL
     else:
-        warnings.warn(f"census-income: {TRAIN_FILES[0]} not found in {folder}; using the test-file-only "
+        warnings.warn(f"census-income: no {TRAIN_FILES[0]} beside {test_path.name}; using the test-file-only "
                       "fallback split 50/25/25 (results are not comparable to published numbers)",
                       stacklevel=2)
         order = rng.permutation(len(test_rows))
@@ -173,12 +159,13 @@ def load_census_income(
         batch.labels_NT = torch.from_numpy(labels(cols, group))
         return batch
 
-    return CensusIncome(
+    return MultiTaskData(
         train=encode(train_cols),
         valid=encode(_columns(valid_rows)),
         test=encode(_columns(test_rows_split)),
         spec=spec,
         tasks=GROUPS[group],
-        group=group,
+        task_types=("binary",) * len(GROUPS[group]),
+        name=f"census-income group {group}",
         protocol=protocol,
     )

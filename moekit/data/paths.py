@@ -1,26 +1,55 @@
-"""Finding dataset files: an explicit path, else $MOEKIT_DATA, else a clear error with the download address."""
+"""Finding dataset files: an explicit path, else $MOEKIT_DATA, else data shipped with moekit, else a
+clear error naming the official download address."""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
+ASSETS = "moekit.assets"
+# dataset -> the file shipped in moekit/assets that stands in for it when no data is given
+SHIPPED = {
+    "census-income": "census-income.sample.gz",  # 4,000 rows of the UCI test file (CC BY 4.0)
+    "text": "tinyshakespeare.txt.gz",  # TinyShakespeare (public domain)
+}
+SHIPPED_NOTE = {
+    "census-income": "the 4,000-row Census-Income sample shipped with moekit",
+    "text": "TinyShakespeare as shipped with moekit",
+}
 
-def resolve_data_dir(data_dir: str | os.PathLike | None, dataset: str) -> Path:
-    """The folder holding `dataset`: `data_dir` if given, else $MOEKIT_DATA/<dataset>."""
+
+def asset_path(name: str) -> Path:
+    """Path of a data file shipped in moekit/assets (present in every install)."""
+    path = Path(str(resources.files(ASSETS).joinpath(name)))
+    if not path.is_file():
+        raise FileNotFoundError(f"moekit's shipped data file {path} is missing: reinstall moekit")
+    return path
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None, dataset: str, announce: bool = True) -> Path:
+    """Where `dataset` is, as an absolute path: `data_dir` if given, else $MOEKIT_DATA/<dataset>,
+    else the file moekit ships for it (Census-Income sample, TinyShakespeare), else an error."""
     if data_dir is not None:
-        return Path(data_dir)
+        return Path(data_dir).expanduser().resolve()
     root = os.environ.get("MOEKIT_DATA")
-    if root is None:
-        raise FileNotFoundError(
-            f"no data directory for {dataset}: pass --data-dir DIR or set MOEKIT_DATA to a folder holding {dataset}/"
-        )
-    return Path(root) / dataset
+    if root:
+        return (Path(root).expanduser() / dataset).resolve()
+    if dataset in SHIPPED:
+        if announce:
+            print(f"moekit: no --data-dir and no $MOEKIT_DATA: using {SHIPPED_NOTE[dataset]}", file=sys.stderr)
+        return asset_path(SHIPPED[dataset])
+    raise FileNotFoundError(
+        f"no data directory for {dataset}: pass --data-dir DIR or set MOEKIT_DATA to a folder holding {dataset}/"
+    )
 
 
 def find_file(folder: Path, names: Sequence[str], dataset: str, url: str) -> Path:
     """The first of `names` (e.g. 'u.data', 'u.data.gz') that exists in `folder`, else a clear error."""
+    if not folder.exists():
+        raise FileNotFoundError(f"{dataset}: {folder} does not exist; download the data from {url}")
     for name in names:
         path = folder / name
         if path.is_file():

@@ -79,6 +79,24 @@ class TabularBatch:
 
 
 @dataclass
+class MultiTaskData:
+    """Encoded train / validation / test splits of a table with one label column per task, and the
+    feature spec fitted on the training rows."""
+
+    train: TabularBatch
+    valid: TabularBatch
+    test: TabularBatch
+    spec: FeatureSpec
+    tasks: tuple[str, ...]
+    task_types: tuple[str, ...]
+    """'binary' or 'regression' per task."""
+    name: str
+    """What the data is, for reports (e.g. 'census-income group 1')."""
+    protocol: str
+    """How the splits were made."""
+
+
+@dataclass
 class FeatureSpec:
     """Which columns are features and how each one is encoded."""
 

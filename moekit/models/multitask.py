@@ -463,6 +463,14 @@ class MultiTaskModel(Pretrained, nn.Module):
         full[:, T * S:] = gate_NE[:, S:]
         return full
 
+    def unreachable_experts(self) -> dict[str, list[int]]:
+        """Per task, the indices (into `expert_names`) of experts its gate cannot weigh: under PLE, the
+        other tasks' specific experts. Empty for the other architectures."""
+        if self.config.architecture != "ple":
+            return {}
+        S, tasks = self.config.num_specific_experts, self.config.tasks
+        return {task: [e for e in range(len(tasks) * S) if e // S != t] for t, task in enumerate(tasks)}
+
     @property
     def task_types(self) -> dict[str, str]:
         return dict(zip(self.config.tasks, self.config.task_types, strict=True))

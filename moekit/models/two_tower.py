@@ -201,6 +201,7 @@ def in_batch_softmax_loss(
     neg_item_MD: Tensor | None = None,
     neg_ids_M: Tensor | None = None,
     neg_log_q_M: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """Sampled softmax over the batch's items (plus optional extra negatives), logQ-corrected.
 
@@ -209,15 +210,19 @@ def in_batch_softmax_loss(
     sample (Yi et al. 2019, eq. 3): without it popular items, over-represented among in-batch
     negatives, are pushed down too hard. A copy of row b's own positive elsewhere in the batch is
     not a negative and is masked out; so is an extra negative that equals the positive.
+
+    `rows` (R,): the users given are only these rows of the batch (data parallelism: a process scores
+    its own rows against all B items); the loss is then the mean over those rows.
     """
-    B = user_BD.shape[0]
-    logits_BB = user_BD @ item_BD.T / temperature - log_q_B[None, :]
-    same_BB = item_ids_B[:, None] == item_ids_B[None, :]
-    same_BB.fill_diagonal_(False)
-    logits = [logits_BB.masked_fill(same_BB, float("-inf"))]
+    B = item_BD.shape[0]
+    rows_R = torch.arange(B, device=user_BD.device) if rows is None else rows.to(user_BD.device)
+    logits_RB = user_BD @ item_BD.T / temperature - log_q_B[None, :]
+    same_RB = item_ids_B[rows_R, None] == item_ids_B[None, :]
+    same_RB[torch.arange(len(rows_R)), rows_R] = False  # the row's own positive
+    logits = [logits_RB.masked_fill(same_RB, float("-inf"))]
     if neg_item_MD is not None:
         if neg_ids_M is None or neg_log_q_M is None:
             raise ValueError("extra negatives need neg_ids_M and neg_log_q_M too")
-        logits_BM = user_BD @ neg_item_MD.T / temperature - neg_log_q_M[None, :]
-        logits.append(logits_BM.masked_fill(neg_ids_M[None, :] == item_ids_B[:, None], float("-inf")))
-    return F.cross_entropy(torch.cat(logits, dim=1), torch.arange(B, device=user_BD.device))
+        logits_RM = user_BD @ neg_item_MD.T / temperature - neg_log_q_M[None, :]
+        logits.append(logits_RM.masked_fill(neg_ids_M[None, :] == item_ids_B[rows_R, None], float("-inf")))
+    return F.cross_entropy(torch.cat(logits, dim=1), rows_R)

@@ -1,15 +1,15 @@
-"""Checkpoints: model, optimizer, RNG and trainer state as safetensors + JSON, written atomically.
+"""Step checkpoints for --resume: model, optimizer, RNG and loop state as safetensors + JSON, atomically.
 
-Layout of a run folder::
+Layout under a run folder's `checkpoints/` (see `moekit.train.run` for the whole run folder)::
 
-    checkpoints/step_0000500/model.safetensors      weights and buffers (e.g. loss-free expert biases)
-    checkpoints/step_0000500/trainer_state.safetensors   optimizer moments, RNG states
-    checkpoints/step_0000500/trainer_state.json     step, optimizer hyperparameters, schedule, data position
-    checkpoints/step_0000500/config.json, tokenizer.json  what is needed to rebuild the model alone
-    checkpoints/latest.json                         {"step": 500, "dir": "step_0000500"}
+    step_0000500/model.safetensors            weights and buffers (e.g. loss-free expert biases)
+    step_0000500/trainer_state.safetensors    optimizer moments, RNG states
+    step_0000500/trainer_state.json           step, optimizer hyperparameters, loop counters
+    latest.json                               {"step": 500, "dir": "step_0000500"}
 
 A step folder is written under a temporary name and renamed into place; `latest.json` is replaced
-atomically afterwards, so a crash at any point leaves the previous checkpoint usable.
+atomically afterwards, so a crash (or a full disk) at any point leaves the previous checkpoint
+usable and no temporary folder behind.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.io import atomic_write_json, load_tensors, save_tensors
+from moekit.io import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
+from moekit.models.pretrained import load_weights
 
 LATEST = "latest.json"
 
@@ -38,35 +39,39 @@ def save_checkpoint(
     files: dict[str, dict | bytes] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` under `root` (e.g. run/checkpoints) and keep the newest `keep`.
+    """Write checkpoint `step` under `root` (a run's checkpoints/ folder) and keep the newest `keep`.
 
     `state` (JSON) and `tensors` (e.g. RNG states) are saved with the optimizer; `files` maps
-    extra file names to JSON objects or raw bytes (config, tokenizer).
+    extra file names to JSON objects or raw bytes.
     """
     root = Path(root)
     name = f"step_{step:07d}"
     tmp = root / f".tmp_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # clone(): safetensors refuses tensors sharing memory (tied embeddings); loading re-ties them.
-    save_tensors(tmp / "model.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
-    trainer_tensors = dict(tensors or {})
-    trainer_state = dict(state, step=step)
-    if optimizer is not None:
-        opt_tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
-        trainer_tensors.update(opt_tensors)
-        trainer_state["optimizer"] = opt_json
-    save_tensors(tmp / "trainer_state.safetensors", trainer_tensors)
-    atomic_write_json(tmp / "trainer_state.json", trainer_state)
-    for file_name, content in (files or {}).items():
-        if isinstance(content, bytes):
-            (tmp / file_name).write_bytes(content)
-        else:
-            atomic_write_json(tmp / file_name, content)
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        # clone(): safetensors refuses tensors sharing memory (tied embeddings); loading re-ties them.
+        save_tensors(tmp / "model.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
+        trainer_tensors = dict(tensors or {})
+        trainer_state = dict(state, step=step)
+        if optimizer is not None:
+            opt_tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
+            trainer_tensors.update(opt_tensors)
+            trainer_state["optimizer"] = opt_json
+        save_tensors(tmp / "trainer_state.safetensors", trainer_tensors)
+        atomic_write_json(tmp / "trainer_state.json", trainer_state)
+        for file_name, content in (files or {}).items():
+            if isinstance(content, bytes):
+                atomic_write_bytes(tmp / file_name, content)
+            else:
+                atomic_write_json(tmp / file_name, content)
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     atomic_write_json(root / LATEST, {"step": step, "dir": name})
     others = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
     for old in others[:max(len(others) - (keep - 1), 0)]:
@@ -104,22 +109,7 @@ def read_json(path: Path) -> dict:
 def load_model_weights(ckpt_dir: str | os.PathLike, model: nn.Module) -> None:
     """Load model.safetensors into `model`; a mismatch names the file and the differing keys."""
     path = Path(ckpt_dir) / "model.safetensors"
-    tensors = load_tensors(path)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_preview(unexpected)}")
-        if wrong:
-            parts.append(f"shape mismatch {_preview(wrong)}")
-        raise ValueError(f"checkpoint {path} does not match the model: {'; '.join(parts)}")
-    model.load_state_dict(tensors)
+    load_weights(model, load_tensors(path), path)
 
 
 def load_trainer_state(ckpt_dir: str | os.PathLike,
@@ -139,10 +129,6 @@ def load_trainer_state(ckpt_dir: str | os.PathLike,
             raise ValueError(f"optimizer state in {ckpt_dir} does not match the model: {error}") from error
     rest = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     return state, rest
-
-
-def _preview(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

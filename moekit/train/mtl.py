@@ -1,83 +1,134 @@
-"""Training multi-task recommenders (Shared-Bottom, OMoE, MMoE, PLE) on tabular data.
+"""Training multi-task rankers (Shared-Bottom, OMoE, MMoE, PLE) on a table: `fit(MTLConfig(...), out=RUN)`.
 
-`train_mtl(MTLTrainConfig(...))` loads the data, trains one model per seed with Adam and early stopping
-on the mean validation AUC (best weights restored), evaluates on the test split and returns a results
-dict (per-epoch history, test AUC per task, mean gate weight per expert, mean +- std over seeds).
+One model per call, Adam, early stopping on the mean validation AUC of the binary tasks (the mean
+validation loss when no binary task has both classes in its validation split), best weights
+restored, then evaluated on the test split: AUC and log-loss per binary task, RMSE and MAE per
+regression task, and the mean gate weight per expert. The run folder (see `moekit.train.run`) holds
+the model, `feature_spec.json` (vocabularies and statistics, so serving encodes rows as training
+did), a checkpoint per epoch for `--resume`, metrics.csv and results.json.
 
-The loop is built for speed on small rows: the whole split lives as tensors on the device and batches
-are index slices of a seeded permutation (no DataLoader, no per-row dicts, no host copies per step).
+The loop is built for speed on small rows: the whole split lives as tensors on the device and
+batches are index slices of a seeded permutation (no DataLoader, no per-row dicts, no host copies).
 
-Loss weighting: fixed per-task weights, or uncertainty weighting (Kendall, Gal and Cipolla, "Multi-Task
-Learning Using Uncertainty to Weigh Losses", CVPR 2018) with one learned log-variance per task.
+Loss weighting: fixed per-task weights by task name, or uncertainty weighting (Kendall, Gal and
+Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses", CVPR 2018) with one learned
+log-variance per task.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.data.tabular import FeatureSpec, TabularBatch
-from moekit.io import atomic_write_json, load_tensors, save_tensors
+from moekit.config import ConfigError, check_choice, check_int, config_dict, documented
+from moekit.data.tabular import MultiTaskData, TabularBatch
 from moekit.models.multitask import MultiTaskConfig, MultiTaskModel, MultiTaskOptions
+from moekit.train.loop import (
+    EarlyStopping,
+    RNGState,
+    TrainSettings,
+    build_optimizer,
+    optimizer_step,
+    progress_bar,
+    resolve_device,
+    seed_everything,
+    set_threads,
+)
 from moekit.train.metrics import roc_auc
-from moekit.train.reproducibility import check_finite, seed_everything
+from moekit.train.parallel import DataParallel
+from moekit.train.results import Stopwatch, TrainResult
+from moekit.train.run import Run
 
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
 DATASETS = ("census-income",)
 
 
+@documented
 @dataclass
-class MTLTrainConfig:
-    """Everything one `moekit train mtl` run needs; `model` is the architecture and its sizes
-    (the features and tasks are filled in from the data by `model_config`)."""
+class MTLDataConfig:
+    """Where the table comes from and how it is split (the `data` section of `moekit train mtl`)."""
 
     dataset: str = "census-income"
+    """Dataset definition: census-income (UCI Census-Income KDD, the MMoE paper's tasks)."""
     data_dir: str | None = None
+    """Folder with the dataset's files (None: $MOEKIT_DATA/<dataset>, else the 4,000-row sample shipped
+    with moekit)."""
     group: int = 1
-    model: MultiTaskOptions = field(default_factory=MultiTaskOptions)
-    seed: int = 0
-    seeds: int = 1  # runs seed, seed + 1, ..., reported as mean +- std
-    split_seed: int = 0  # fixed split: seeds vary only the model's initialisation and batch order
-    max_rows: int | None = None  # read only the first rows (demos, smoke runs)
-    epochs: int = 20
-    batch_size: int = 1024
-    eval_batch_size: int = 16384
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 3  # epochs without a better mean validation AUC before stopping
-    loss_weighting: str = "fixed"
-    task_weights: tuple[float, ...] | None = None  # fixed weights; default 1 per task
-    # Running.
-    device: str = "cpu"
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    out_dir: str | None = None  # checkpoints and metrics.json; None writes nothing
-    progress: bool = True
+    """Census-Income task group: 1 = income + never married, 2 = education + never married."""
+    split_seed: int = 0
+    """Seed of the train/validation/test split (kept apart from the training seed)."""
+    max_rows: int | None = None
+    """Read only the first rows (quick runs)."""
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
-        for name in ("seeds", "epochs", "batch_size", "eval_batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2 and self.model.input_batchnorm:
-            raise ValueError("batch_size must be >= 2 with input_batchnorm (BatchNorm needs 2 rows)")
-        if not (self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.max_rows is not None and self.max_rows < 8:
-            raise ValueError(f"max_rows must be >= 8 to leave rows in every split, got {self.max_rows}")
+        check_choice("data.dataset", self.dataset, DATASETS)
+        check_choice("data.group", self.group, (1, 2))
+        check_int("data.split_seed", self.split_seed, 0)
+        if self.max_rows is not None:
+            check_int("data.max_rows", self.max_rows, 8)
 
-    def model_config(self, spec: FeatureSpec, tasks: tuple[str, ...]) -> MultiTaskConfig:
-        return MultiTaskConfig.from_options(self.model, spec.vocab_sizes, spec.num_numeric, tasks)
+
+@documented
+@dataclass
+class MTLTrainSettings(TrainSettings):
+    """How `moekit train mtl` trains (the `train` section)."""
+
+    lr: float = 1e-3
+    """Adam learning rate."""
+    batch_size: int = 1024
+    """Rows per optimizer step."""
+    epochs: int = 20
+    """Most epochs; early stopping usually ends sooner."""
+    patience: int = 3
+    """Epochs without a better validation score before stopping."""
+    eval_batch_size: int = 16384
+    """Rows per forward pass when evaluating."""
+    loss_weighting: str = "fixed"
+    """'fixed' (task_weights) or 'uncertainty' (learned, Kendall et al. 2018)."""
+    task_weights: dict[str, float] | None = None
+    """Fixed loss weight per task name, e.g. {income: 1.0, marital: 0.5} (default 1 each)."""
+
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = TrainSettings.RUNTIME_KEYS + ("eval_batch_size",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("train.epochs", self.epochs, 1)
+        check_int("train.patience", self.patience, 1)
+        check_int("train.eval_batch_size", self.eval_batch_size, 1)
+        check_choice("train.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        for task, weight in (self.task_weights or {}).items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+                raise ConfigError(f"train.task_weights.{task} must be a number >= 0 (got {weight!r})")
+
+
+@documented
+@dataclass
+class MTLConfig:
+    """Everything one `moekit train mtl` run needs: `model` holds the architecture and its sizes; the
+    features and tasks come from the data."""
+
+    model: MultiTaskOptions = field(default_factory=MultiTaskOptions)
+    """Architecture and sizes."""
+    data: MTLDataConfig = field(default_factory=MTLDataConfig)
+    """The table and its split."""
+    train: MTLTrainSettings = field(default_factory=MTLTrainSettings)
+    """Optimisation, early stopping, device."""
+
+    def model_config(self, data: MultiTaskData) -> MultiTaskConfig:
+        return MultiTaskConfig.from_options(self.model, data.spec.vocab_sizes, data.spec.num_numeric,
+                                            tuple(data.tasks), tuple(data.task_types))
+
+
+# --- losses ---------------------------------------------------------------------------------
 
 
 class UncertaintyWeighting(nn.Module):
@@ -106,218 +157,231 @@ def task_losses(logits: dict[str, Tensor], labels_NT: Tensor, task_types: dict[s
     return torch.stack(out)
 
 
+class MultiTaskObjective(nn.Module):
+    """The model and its task-loss combination as one module, so data parallelism averages the
+    gradients of both (the learned log-variances of uncertainty weighting included)."""
+
+    def __init__(self, model: MultiTaskModel, settings: MTLTrainSettings) -> None:
+        super().__init__()
+        self.model = model
+        tasks = model.config.tasks
+        unknown = sorted(set(settings.task_weights or {}) - set(tasks))
+        if unknown:
+            raise ConfigError(f"train.task_weights names unknown task(s) {unknown}; the tasks are {list(tasks)}")
+        weights = [float((settings.task_weights or {}).get(t, 1.0)) for t in tasks]
+        self.register_buffer("weights_T", torch.tensor(weights), persistent=False)
+        self.weighting = UncertaintyWeighting(model.config.task_types) \
+            if settings.loss_weighting == "uncertainty" else None
+
+    def forward(self, cat_NC: Tensor, num_NF: Tensor, labels_NT: Tensor, scale: float = 1.0) -> Tensor:
+        """The scalar to minimise for these rows, times `scale` (see `DataParallel.loss_scale`)."""
+        out = self.model(cat_NC, num_NF)
+        losses_T = task_losses(out.logits, labels_NT, self.model.task_types)
+        loss = self.weighting(losses_T) if self.weighting is not None else (self.weights_T * losses_T).sum()
+        return loss * scale
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, data: TabularBatch, batch_size: int = 16384) -> dict:
-    """Per-task AUC (scikit-learn) and loss, and the mean gate weight per expert, over `data`."""
+def predict_logits(model: MultiTaskModel, data: TabularBatch, batch_size: int = 16384) -> dict[str, Tensor]:
+    """(N,) float32 logits per task over `data`, in row order."""
+    was_training = model.training
     model.eval()
-    tasks, types = model.config.tasks, model.task_types
-    logits = {t: [] for t in tasks}
-    gate_sums = {t: 0.0 for t in tasks}
+    parts: dict[str, list[Tensor]] = {t: [] for t in model.config.tasks}
     for start in range(0, len(data), batch_size):
         out = model(data.cat_NC[start:start + batch_size], data.num_NF[start:start + batch_size])
-        for t in tasks:
-            logits[t].append(out.logits[t].float())
-            if out.gates:
-                gate_sums[t] = gate_sums[t] + out.gates[t].double().sum(0)
-    logits = {t: torch.cat(v) for t, v in logits.items()}
-    losses = task_losses(logits, data.labels_NT, types)
-    labels = data.labels_NT.cpu().numpy()
-    result = {"auc": {}, "loss": {}, "gates": {}}
-    for i, t in enumerate(tasks):
-        result["loss"][t] = float(losses[i])
-        scores = logits[t].cpu().numpy()
-        result["auc"][t] = roc_auc(labels[:, i], scores) if types[t] == "binary" else float("nan")
-        if isinstance(gate_sums[t], Tensor):
-            result["gates"][t] = (gate_sums[t] / len(data)).tolist()
-    return result
+        for t in parts:
+            parts[t].append(out.logits[t].float())
+    model.train(was_training)
+    return {t: torch.cat(v) if v else torch.zeros(0) for t, v in parts.items()}
 
 
-def make_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    # The fused kernel updates all parameters in one pass (CPU and CUDA); fall back where unsupported.
-    try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+@torch.no_grad()
+def evaluate(model: MultiTaskModel, data: TabularBatch, batch_size: int = 16384) -> dict[str, float]:
+    """Metrics by name over `data`: `<task>/auc` and `<task>/logloss` (binary tasks; AUC from
+    scikit-learn, NaN when the split has one class), `<task>/rmse` and `<task>/mae` (regression)."""
+    logits = predict_logits(model, data, batch_size)
+    labels = data.labels_NT.cpu()
+    metrics: dict[str, float] = {}
+    for t, (task, kind) in enumerate(model.task_types.items()):
+        y_N, z_N = labels[:, t], logits[task].cpu()
+        if kind == "binary":
+            metrics[f"{task}/auc"] = roc_auc(y_N.numpy(), z_N.numpy())
+            metrics[f"{task}/logloss"] = float(F.binary_cross_entropy_with_logits(z_N, y_N))
+        else:
+            metrics[f"{task}/rmse"] = float((z_N - y_N).square().mean().sqrt())
+            metrics[f"{task}/mae"] = float((z_N - y_N).abs().mean())
+    return metrics
 
 
-def train_epoch(model: MultiTaskModel, optimizer: torch.optim.Optimizer, train: TabularBatch,
-                batch_size: int, generator: torch.Generator, combine, progress: bool = False,
-                desc: str = "") -> tuple[float, int]:
-    """One pass over `train` (tensors already on the device) in a seeded random order: index slices,
-    no DataLoader. `combine` maps the (T,) task losses to the scalar to minimise. Returns (mean loss,
-    steps); the loss is read back once per epoch, not per step, so the device never waits on the host."""
-    from tqdm.auto import tqdm
+@torch.no_grad()
+def mean_gates(model: MultiTaskModel, data: TabularBatch, batch_size: int = 16384) -> dict[str, list[float]]:
+    """Mean gate weight per expert over `data`, per task (empty for Shared-Bottom)."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, Tensor] = {}
+    for start in range(0, len(data), batch_size):
+        out = model(data.cat_NC[start:start + batch_size], data.num_NF[start:start + batch_size])
+        for task, gate_NE in out.gates.items():
+            sums[task] = sums.get(task, 0) + gate_NE.double().sum(0)
+    model.train(was_training)
+    return {task: (s / max(len(data), 1)).tolist() for task, s in sums.items()}
 
-    model.train()
-    n, types = len(train), model.task_types
+
+def selection_metric(model: MultiTaskModel, valid: TabularBatch) -> tuple[str, str, list[str]]:
+    """(name, mode, tasks) of the early-stopping score: the mean validation AUC over the binary tasks
+    whose validation labels hold both classes, else the mean validation loss over all tasks."""
+    labels = valid.labels_NT.cpu()
+    auc_tasks = [task for t, (task, kind) in enumerate(model.task_types.items())
+                 if kind == "binary" and labels[:, t].unique().numel() == 2]
+    if auc_tasks:
+        return "mean validation AUC", "max", auc_tasks
+    return "mean validation loss", "min", list(model.task_types)
+
+
+def selection_score(metrics: dict[str, float], mode: str, tasks: list[str], task_types: dict[str, str]) -> float:
+    if mode == "max":
+        return float(np.mean([metrics[f"{t}/auc"] for t in tasks]))
+    losses = [metrics[f"{t}/logloss"] if task_types[t] == "binary" else metrics[f"{t}/rmse"] ** 2 for t in tasks]
+    return float(np.mean(losses))
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, train: TabularBatch, settings: TrainSettings,
+                generator: torch.Generator, parallel: DataParallel | None = None, first_step: int = 0,
+                last_good: str | Callable[[], str] = "", progress: bool = False, desc: str = "") -> tuple[float, int]:
+    """One pass over `train` (tensors on the device) in a seeded random order: index slices, no
+    DataLoader. Every process draws the same order and takes its share of each batch. Each step
+    goes through the non-finite guard. Returns (mean loss of the process's rows, optimizer steps)."""
+    parallel = parallel or DataParallel(train.cat_NC.device)
+    objective.train()
+    n, batch_size = len(train), settings.batch_size
     order = torch.randperm(n, generator=generator).to(train.cat_NC.device)
-    bar = tqdm(total=n, unit="row", unit_scale=True, desc=desc, leave=False, disable=not progress,
-               mininterval=0.5)
-    loss_sum, steps = torch.zeros((), device=train.cat_NC.device), 0
+    bar = progress_bar(progress, total=n, unit="row", desc=desc, leave=False, unit_scale=True)
+    loss_sum, steps = 0.0, 0
     for lo in range(0, n, batch_size):
         idx = order[lo:lo + batch_size]
-        if idx.numel() < 2:  # BatchNorm cannot train on one row
+        if idx.numel() < max(2, parallel.world):  # BatchNorm cannot train on one row
             continue
+        local = parallel.shard(idx)
         # index_select, not advanced indexing: the same gather at a fraction of the per-call overhead.
-        out = model(train.cat_NC.index_select(0, idx), train.num_NF.index_select(0, idx))
-        loss = combine(task_losses(out.logits, train.labels_NT.index_select(0, idx), types))
-        optimizer.zero_grad(set_to_none=True)
+        loss = objective(train.cat_NC.index_select(0, local), train.num_NF.index_select(0, local),
+                         train.labels_NT.index_select(0, local), parallel.loss_scale(local.numel(), idx.numel()))
         loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach()
+        optimizer_step(optimizer, loss, first_step + steps + 1, last_good, settings.grad_clip)
+        loss_sum += float(loss.detach())
         steps += 1
         bar.update(idx.numel())
     bar.close()
-    return (loss_sum / max(steps, 1)).item(), steps
+    return loss_sum / max(steps, 1), steps
 
 
-def _mean_auc(aucs: dict[str, float]) -> float:
-    values = [v for v in aucs.values() if not math.isnan(v)]
-    return float(np.mean(values)) if values else float("-inf")
+def resolve_data(config: MTLDataConfig) -> MTLDataConfig:
+    """`config` with `data_dir` made absolute (from --data-dir, $MOEKIT_DATA or the shipped sample),
+    so the run folder names the data wherever it is evaluated from."""
+    from moekit.data.paths import resolve_data_dir
+
+    return dataclasses.replace(config, data_dir=str(resolve_data_dir(config.data_dir, config.dataset)))
 
 
-def fit_one(cfg: MTLTrainConfig, data, seed: int, log=print) -> tuple[MultiTaskModel, dict]:
-    """Train one model on `data` (a CensusIncome-like object with train/valid/test, spec, tasks)."""
-    device = torch.device(cfg.device)
-    generator = seed_everything(seed)
-    model = MultiTaskModel(cfg.model_config(data.spec, tuple(data.tasks))).to(device)
-    weighting = UncertaintyWeighting(model.config.task_types).to(device) \
-        if cfg.loss_weighting == "uncertainty" else None
-    weights_T = torch.tensor(cfg.task_weights or [1.0] * len(data.tasks), device=device)
-    if weights_T.numel() != len(data.tasks):
-        raise ValueError(f"task_weights has {weights_T.numel()} entries for tasks {list(data.tasks)}")
-    params = list(model.parameters()) + (list(weighting.parameters()) if weighting is not None else [])
-    optimizer = make_adam(params, cfg.lr, cfg.weight_decay)
-    combine = weighting if weighting is not None else (lambda losses_T: (weights_T * losses_T).sum())
-    train, valid = data.train.to(device), data.valid.to(device)
-    n = len(train)
-    history, best, best_state, best_epoch, stale = [], float("-inf"), None, -1, 0
-    header = ["epoch", "train loss"] + [f"val {k} {t}" for t in data.tasks for k in ("AUC", "loss")]
-    header.append("samples/s")
-    log(" | ".join(header))
-    step, train_seconds, train_samples = 0, 0.0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        train_loss, steps = train_epoch(model, optimizer, train, cfg.batch_size, generator, combine,
-                                        progress=cfg.progress, desc=f"epoch {epoch}")
-        step += steps
-        seconds = time.perf_counter() - start
-        check_finite(torch.tensor(train_loss), step, cfg.out_dir or "")
-        train_seconds += seconds
-        train_samples += n
-        val = evaluate(model, valid, cfg.eval_batch_size)
-        record = {"epoch": epoch, "train_loss": train_loss, "val_auc": val["auc"], "val_loss": val["loss"],
-                  "samples_per_s": n / seconds}
-        history.append(record)
-        row = [f"{epoch:5d}", f"{train_loss:10.4f}"]
-        row += [f"{val[k][t]:.4f}" for t in data.tasks for k in ("auc", "loss")]
-        log(" | ".join(row + [f"{n / seconds:,.0f}"]))
-        score = _mean_auc(val["auc"])
-        if score > best:
-            best, best_epoch, stale = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                log(f"early stop: mean validation AUC has not improved for {cfg.patience} epochs")
-                break
-    model.load_state_dict(best_state)
-    test = evaluate(model, data.test.to(device), cfg.eval_batch_size)
-    run = {
-        "seed": seed,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "val_auc": history[best_epoch - 1]["val_auc"],
-        "test_auc": test["auc"],
-        "test_loss": test["loss"],
-        "gates": test["gates"],
-        "expert_names": model.expert_names,
-        "train_samples_per_s": train_samples / train_seconds,
-        "history": history,
-    }
-    if weighting is not None:
-        run["log_variances"] = dict(zip(data.tasks, weighting.log_var_T.tolist(), strict=True))
-    return model, run
+def load_data(config: MTLDataConfig) -> MultiTaskData:
+    """The dataset `config` names, split and encoded."""
+    import warnings
 
-
-def summarize(runs: list[dict], tasks) -> dict:
-    """Mean and sample std over seeds of the test AUC per task (std 0 for a single seed)."""
-    out = {}
-    for task in tasks:
-        values = np.array([r["test_auc"][task] for r in runs], dtype=np.float64)
-        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        out[task] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
-    return out
-
-
-def load_data(cfg: MTLTrainConfig):
     from moekit.data.census import load_census_income
 
-    return load_census_income(cfg.data_dir, group=cfg.group, split_seed=cfg.split_seed, max_rows=cfg.max_rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the test-file-only protocol is named in MultiTaskData.protocol
+        return load_census_income(config.data_dir, group=config.group, split_seed=config.split_seed,
+                                  max_rows=config.max_rows)
 
 
-def train_mtl(cfg: MTLTrainConfig, data=None, log=print) -> dict:
-    """Train `cfg.seeds` models and return the results dict (see the module docstring).
+def fit(config: MTLConfig, out: str | Path | None = None, *, mode: str = "new", data: MultiTaskData | None = None,
+        log=print) -> TrainResult:
+    """Train one model as `config` says, into the run folder `out` (None: write nothing).
 
-    `data` (from `moekit.data.census.load_census_income`) may be passed to reuse a loaded split.
-    With `cfg.out_dir`, each seed's best checkpoint and `metrics.json` are written atomically.
+    `mode` is 'new', 'resume' (continue `out` from its last epoch, exactly) or 'overwrite'. `data`
+    may be passed to reuse a loaded split. Under torchrun, every process calls this.
     """
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    data = data if data is not None else load_data(cfg)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-    results = {
-        "dataset": cfg.dataset,
-        "group": data.group,
-        "protocol": data.protocol,
-        "tasks": list(data.tasks),
-        "model": cfg.model.architecture,
-        "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
-        "config": asdict(cfg),
-        "runs": [],
-    }
-    log(f"census-income group {data.group} ({', '.join(data.tasks)}), model {cfg.model.architecture}; "
-        f"protocol: {data.protocol}; rows train/valid/test = {len(data.train)}/{len(data.valid)}/{len(data.test)}")
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        log(f"--- seed {seed}")
-        model, run = fit_one(cfg, data, seed, log)
-        results["runs"].append(run)
-        results["summary"] = summarize(results["runs"], data.tasks)
-        if out_dir is not None:
-            ckpt = out_dir / f"{cfg.model.architecture}-group{data.group}-seed{seed}.safetensors"
-            save_checkpoint(ckpt, model, data.spec)
-            run["checkpoint"] = ckpt.name
-            atomic_write_json(out_dir / "metrics.json", results)
-        log("test AUC: " + ", ".join(f"{t} {run['test_auc'][t]:.4f}" for t in data.tasks)
-            + f" (best epoch {run['best_epoch']})")
-    results["expert_names"] = results["runs"][-1]["expert_names"]
-    # Gates of the first seed: experts are exchangeable between seeds, so averaging them means nothing.
-    results["gates"] = results["runs"][0]["gates"]
-    if out_dir is not None:
-        atomic_write_json(out_dir / "metrics.json", results)
-    return results
-
-
-def save_checkpoint(path: str | Path, model: MultiTaskModel, spec: FeatureSpec) -> Path:
-    """Weights plus the model config and the feature spec (vocabularies, statistics) in one file."""
-    cfg = asdict(model.config)
-    metadata = {"format": "moekit.multitask/1", "config": json.dumps(cfg),
-                "feature_spec": json.dumps(spec.to_dict())}
-    return save_tensors(path, model.state_dict(), metadata)
-
-
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MultiTaskModel, FeatureSpec]:
-    """The model and the feature spec saved by `save_checkpoint` (serving maps raw values with the spec)."""
-    from safetensors import safe_open
-
-    tensors = load_tensors(path, device)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != "moekit.multitask/1":
-        raise ValueError(f"checkpoint {path} is not a moekit multi-task checkpoint")
-    model = MultiTaskModel(MultiTaskConfig(**json.loads(metadata["config"]))).to(device)
-    model.load_state_dict(tensors)
-    return model.eval(), FeatureSpec.from_dict(json.loads(metadata["feature_spec"]))
+    settings = config.train
+    set_threads(settings.threads)
+    parallel = DataParallel(resolve_device(settings.device))
+    device = parallel.device
+    generator = seed_everything(settings.seed)
+    if data is None:
+        config = dataclasses.replace(config, data=resolve_data(config.data))
+        data = load_data(config.data)
+    model = MultiTaskModel(config.model_config(data)).to(device)
+    objective = MultiTaskObjective(model, settings).to(device)
+    trained = parallel.wrap(objective)
+    optimizer = build_optimizer(objective, settings, kind="adam")
+    train, valid = data.train.to(device), data.valid.to(device)
+    metric, metric_mode, metric_tasks = selection_metric(model, valid)
+    if metric_mode == "min":
+        log(f"no binary task has both classes in the validation split (AUC undefined); "
+            f"early stopping uses the {metric}")
+    stopper = EarlyStopping(metric, settings.patience, metric_mode)
+    rng = RNGState(generator)
+    run = Run(out, "mtl", mode, writer=parallel.is_main, tensorboard=True)
+    with run:
+        run.write_config(model, {"data": config_dict(config.data), "train": config_dict(settings)},
+                         settings.RUNTIME_KEYS)
+        run.write_artifact("feature_spec.json", data.spec.to_dict())
+        done_epochs, step = 0, 0
+        if mode == "resume":
+            state, tensors = run.resume_state(objective, optimizer)
+            rng.restore(tensors, state)
+            done_epochs, step = state["step"], state["optimizer_steps"]
+            stopper.load_state(state["stopper"], run.model_tensors())
+        log(f"{data.name}: {', '.join(f'{t} ({k})' for t, k in zip(data.tasks, data.task_types, strict=True))}; "
+            f"model {config.model.architecture}; protocol: {data.protocol}; rows train/valid/test = "
+            f"{len(data.train)}/{len(data.valid)}/{len(data.test)}")
+        watch, session_rows = Stopwatch(), 0
+        for epoch in range(done_epochs + 1, settings.epochs + 1):
+            if stopper.should_stop:  # a resumed run that had already stopped
+                break
+            start = time.perf_counter()
+            with watch:
+                train_loss, steps = train_epoch(trained, optimizer, train, settings, generator, parallel, step,
+                                                run.last_good, settings.progress, f"epoch {epoch}")
+            seconds = time.perf_counter() - start
+            step += steps
+            session_rows += len(train)
+            val = evaluate(model, valid, settings.eval_batch_size)
+            score = selection_score(val, metric_mode, metric_tasks, model.task_types)
+            if stopper.update(epoch, score, model):
+                run.save_model(model)
+            row = {"epoch": epoch, "step": step, "train_loss": train_loss,
+                   **{f"valid {k}": v for k, v in val.items()}, "samples_per_s": len(train) / seconds}
+            run.log(row)
+            log(f"epoch {epoch:3d}  train loss {train_loss:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in val.items())
+                + f"  {len(train) / seconds:,.0f} rows/s")
+            run.checkpoint(epoch, objective, optimizer, {"optimizer_steps": step, "stopper": stopper.state(),
+                                                         **rng.json()}, rng.tensors(), settings.keep_checkpoints)
+            if stopper.should_stop:
+                log(f"early stop: the {metric} has not improved for {settings.patience} epochs")
+                break
+        stopper.restore(model)
+        run.save_model(model)
+        test = evaluate(model, data.test.to(device), settings.eval_batch_size)
+        valid_best = evaluate(model, valid, settings.eval_batch_size)
+        extra = {"data": data.name, "protocol": data.protocol, "tasks": list(data.tasks),
+                 "task_types": list(data.task_types), "architecture": config.model.architecture,
+                 "selection": metric, "rows": {"train": len(data.train), "valid": len(data.valid),
+                                               "test": len(data.test)},
+                 "gates": mean_gates(model, data.test.to(device), settings.eval_batch_size),
+                 "expert_names": model.expert_names, "unreachable": model.unreachable_experts(),
+                 "train_samples_per_s": session_rows / max(watch.seconds, 1e-9)}
+        if objective.weighting is not None:
+            extra["log_variances"] = dict(zip(data.tasks, objective.weighting.log_var_T.tolist(), strict=True))
+        result = TrainResult("mtl", model, test, valid_best, run.metrics, stopper.best_epoch or None, step,
+                             watch.seconds, run.path, extra)
+        run.write_results(result.to_json())
+    return result
 
 
 def gate_table(gates: dict[str, list[float]], expert_names: list[str]) -> str:
@@ -328,35 +392,54 @@ def gate_table(gates: dict[str, list[float]], expert_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_gate_heatmap(panels: dict[str, tuple[dict[str, list[float]], list[str]]], path: str | Path,
-                      title: str = "") -> Path:
-    """One heatmap per panel (e.g. per model): tasks x experts, colour = mean gate weight (atomic write)."""
-    import io
+# --- a finished run -------------------------------------------------------------------------
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+CONFIG = MTLConfig
 
-    from moekit.io import atomic_write_bytes
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.3 + 1.1 * len(panels) * 1.6), squeeze=False)
-    for ax, (name, (gates, experts)) in zip(axes[:, 0], panels.items(), strict=True):
-        matrix = np.array(list(gates.values()))
-        image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(matrix.max(), 1e-6), aspect="auto")
-        ax.set_yticks(range(len(gates)), list(gates))
-        ax.set_xticks(range(len(experts)), experts, rotation=30, ha="right", fontsize=8)
-        for i in range(matrix.shape[0]):
-            for j in range(matrix.shape[1]):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if matrix[i, j] < 0.6 * matrix.max() else "black")
-        ax.set_title(name, fontsize=10)
-        fig.colorbar(image, ax=ax, fraction=0.02)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+def config_from_run(header: dict) -> MTLConfig:
+    """The run config of an mtl run folder's config.json."""
+    from moekit.train.families import run_config
 
+    return run_config(MTLConfig, header, MultiTaskOptions, header["model"])
+
+
+def load_run(path: Path, device: str = "cpu"):
+    """`moekit.load` for an mtl run: the model and its feature spec (`loaded.feature_spec`)."""
+    from moekit.data.tabular import FeatureSpec
+    from moekit.models.pretrained import read_model_header
+    from moekit.train.families import LoadedRun
+
+    header = read_model_header(path)
+    model = MultiTaskModel.from_pretrained(path, device=resolve_device(device))
+    spec_path = Path(path) / "feature_spec.json"
+    spec = FeatureSpec.from_dict(_read_json(spec_path)) if spec_path.is_file() else None
+    config = config_from_run(header) if "train" in header else None
+    return LoadedRun("mtl", model, Path(path), config, {"feature_spec": spec})
+
+
+def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = None) -> dict[str, float]:
+    """The test metrics of a finished mtl run, computed again: its data config reloaded (the same
+    split, encoded with the saved feature spec) and its model evaluated."""
+    loaded = load_run(Path(path), device)
+    if loaded.config is None:
+        raise ValueError(f"{path} is a saved model without a training config: no test split to evaluate on")
+    data_config = loaded.config.data
+    if data_dir is not None:
+        data_config = dataclasses.replace(data_config, data_dir=str(data_dir))
+    data = load_data(data_config)
+    if data.spec != loaded.feature_spec:
+        raise ValueError(f"the data in {data_config.data_dir} encodes differently from the run's feature spec "
+                         f"({Path(path) / 'feature_spec.json'}): is it the data the run was trained on?")
+    device_ = next(loaded.model.parameters()).device
+    return evaluate(loaded.model, data.test.to(device_), loaded.config.train.eval_batch_size)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None

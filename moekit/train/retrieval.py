@@ -1,5 +1,5 @@
 """Two-tower retrieval on MovieLens: data preparation, training, leave-last-out evaluation, FAISS
-serving and the most-popular / ALS baselines evaluated on the same protocol.
+serving and the most-popular baseline evaluated on the same protocol (ALS lives in benchmarks/).
 
 Protocol: each user's latest rating is the test item ('test' split); for the 'valid' split the
 latest is dropped and the second latest is the target. The user is scored against the whole
@@ -9,18 +9,31 @@ catalogue with every item of their training history excluded; Recall@K / Hit@K f
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from moekit.config import ConfigError, check_choice, check_int, check_number, config_dict, documented
 from moekit.data.movielens import MovieLens, leave_last_out, load_movielens, user_sequences
-from moekit.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
 from moekit.models.two_tower import TwoTower, TwoTowerConfig, in_batch_softmax_loss
+from moekit.train.loop import (
+    RNGState,
+    TrainSettings,
+    build_optimizer,
+    optimizer_step,
+    progress_bar,
+    resolve_device,
+    seed_everything,
+    set_threads,
+)
 from moekit.train.metrics import recall_hit_at_k, top_k_excluding
-from moekit.train.reproducibility import check_finite, seed_everything
+from moekit.train.parallel import DataParallel
+from moekit.train.results import Stopwatch, TrainResult
+from moekit.train.run import Run
 
 KS = (10, 20, 50, 100)
 YEAR_MIN, YEAR_BUCKET = 1920, 5  # 5-year buckets from 1920 on; bucket 0 = unknown or earlier
@@ -130,133 +143,294 @@ def popularity_scores(data: RetrievalData) -> torch.Tensor:
     return data.item_count.float().expand(len(data.eval_user), -1)
 
 
-def als_scores(data: RetrievalData, factors: int = 64, regularization: float = 0.05, alpha: float = 1.0,
-               iterations: int = 15, seed: int = 0) -> torch.Tensor:
-    """Matrix-factorisation baseline: implicit-feedback ALS (Hu, Koren & Volinsky 2008) from the
-    `implicit` library, on the binary training matrix scaled by `alpha`."""
-    import scipy.sparse as sp
-    from implicit.cpu.als import AlternatingLeastSquares
-    from threadpoolctl import threadpool_limits
-
-    ui = sp.csr_matrix((np.full(len(data.train_user), alpha, dtype=np.float32),
-                        (data.train_user.numpy(), data.train_item.numpy())),
-                       shape=(data.num_users, data.num_items))
-    ui.sum_duplicates()
-    with threadpool_limits(1, "blas"):
-        model = AlternatingLeastSquares(factors=factors, regularization=regularization, iterations=iterations,
-                                        random_state=seed, num_threads=torch.get_num_threads())
-        model.fit(ui, show_progress=False)
-    users = torch.from_numpy(np.asarray(model.user_factors))[data.eval_user]
-    return users @ torch.from_numpy(np.asarray(model.item_factors)).T
-
-
 # ----------------------------------------------------------------------------- training
 
 
+@documented
 @dataclass
-class RetrievalTrainConfig:
-    data_dir: str | None = None
+class TwoTowerOptions:
+    """Architecture and sizes of the two-tower model (the `model` section; user and item counts come from
+    the data)."""
+
+    tower: str = "mlp"
+    """'mlp' (a residual FFN block per tower) or 'moe' (a sparse MoE block in its place)."""
+    dim: int = 64
+    """Width of the final (L2-normalised) embeddings and of the id embeddings."""
+    hidden: int = 128
+    """Tower hidden width (the MoE d_model)."""
+    ffn_hidden: int = 256
+    """Hidden width of the residual FFN block (MLP tower) or of each expert (MoE tower)."""
+    num_experts: int = 4
+    """MoE towers: experts per tower."""
+    top_k: int = 2
+    """MoE towers: experts per row."""
+    aux_loss_coef: float = 0.01
+    """MoE towers: load-balancing loss weight."""
+    pooling: str = "mean"
+    """How the user tower pools the recent history: 'mean' or 'attention' (query from the profile)."""
+    history_len: int = 50
+    """Recent items the user tower sees."""
+    use_user_id: bool = True
+    """A user-id embedding memorises each known user; turn it off to serve users unseen in training."""
+    temperature: float = 0.05
+    """Softmax temperature on cosine scores."""
+    dropout: float = 0.1
+    """Dropout inside the towers."""
+    num_year_buckets: int = 20
+    """5-year release buckets from 1920 (bucket 0: unknown)."""
+
+    def __post_init__(self) -> None:
+        check_choice("model.tower", self.tower, ("mlp", "moe"))
+        check_choice("model.pooling", self.pooling, ("mean", "attention"))
+        for name in ("dim", "hidden", "ffn_hidden", "num_experts", "top_k", "history_len", "num_year_buckets"):
+            check_int(f"model.{name}", getattr(self, name), 1)
+        check_number("model.temperature", self.temperature, 0.0, strict_min=True)
+        check_number("model.aux_loss_coef", self.aux_loss_coef, 0.0)
+        check_number("model.dropout", self.dropout, 0.0, 1.0, strict_max=True)
+        if self.tower == "moe" and self.top_k > self.num_experts:
+            raise ConfigError(f"model.top_k={self.top_k} must be <= model.num_experts={self.num_experts}")
+
+    def model_config(self, ml: MovieLens) -> TwoTowerConfig:
+        return TwoTowerConfig(num_users=ml.num_users, num_items=ml.num_items, num_genres=ml.genres.shape[1],
+                              num_occupations=len(ml.occupations), **dataclasses.asdict(self))
+
+
+@documented
+@dataclass
+class RetrievalDataConfig:
+    """Which interactions to train on and which to hold out (the `data` section)."""
+
     dataset: str = "ml-100k"
+    """ml-100k or ml-1m (MovieLens)."""
+    data_dir: str | None = None
+    """The dataset's folder (None: $MOEKIT_DATA/<dataset>)."""
     split: str = "test"
-    out_dir: str | None = None
-    seed: int = 0
-    epochs: int = 20
-    batch_size: int = 512
+    """Evaluate on each user's last rating ('test') or the one before it ('valid', the last dropped)."""
+
+    def __post_init__(self) -> None:
+        check_choice("data.dataset", self.dataset, ("ml-100k", "ml-1m"))
+        check_choice("data.split", self.split, ("test", "valid"))
+
+
+@documented
+@dataclass
+class TwoTowerTrainSettings(TrainSettings):
+    """How `moekit train two-tower` trains (the `train` section)."""
+
     lr: float = 2e-3
-    weight_decay: float = 0.0
+    """AdamW learning rate."""
+    batch_size: int = 512
+    """Interactions per step; the other items of the batch are each row's negatives."""
+    epochs: int = 20
+    """Passes over the training interactions."""
     logq: bool = True
     """Subtract log(expected count in the sample) from each logit (Yi et al. 2019)."""
     extra_negatives: int = 0
     """Uniformly drawn catalogue items added to every batch's negatives (mixed negative sampling)."""
-    ks: tuple = KS
+    ks: tuple[int, ...] = KS
     """Cut-offs of the final Recall@K / Hit@K."""
-    model: dict = field(default_factory=dict)
-    """TwoTowerConfig fields other than the dataset sizes (tower, dim, pooling, ...)."""
-    progress: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("train.epochs", self.epochs, 1)
+        check_int("train.extra_negatives", self.extra_negatives, 0)
+        self.ks = tuple(self.ks)
+        if not self.ks:
+            raise ConfigError("train.ks must list at least one cut-off")
+        for k in self.ks:
+            check_int("train.ks", k, 1)
 
 
-def train_two_tower(cfg: RetrievalTrainConfig, ml: MovieLens | None = None,
-                    data: RetrievalData | None = None) -> tuple[TwoTower, dict]:
-    """Train a two-tower model; returns it and the final metrics (also written to out_dir)."""
-    from tqdm import tqdm
+@documented
+@dataclass
+class TwoTowerRunConfig:
+    """Everything one `moekit train two-tower` run needs."""
 
-    gen = seed_everything(cfg.seed)
+    model: TwoTowerOptions = field(default_factory=TwoTowerOptions)
+    """Architecture and sizes."""
+    data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
+    """The interactions and the held-out split."""
+    train: TwoTowerTrainSettings = field(default_factory=TwoTowerTrainSettings)
+    """Optimisation."""
+
+
+def resolve_data(config: RetrievalDataConfig) -> RetrievalDataConfig:
+    """`config` with `data_dir` made absolute, so the run folder names the data from anywhere."""
+    from moekit.data.paths import resolve_data_dir
+
+    return dataclasses.replace(config, data_dir=str(resolve_data_dir(config.data_dir, config.dataset)))
+
+
+def check_cutoffs(ks: tuple[int, ...], data: RetrievalData) -> None:
+    """Every K must leave K unseen items for every evaluated user: fail before training, not after."""
+    most_seen = int(data.seen[data.eval_user].sum(1).max()) if len(data.eval_user) else 0
+    room = data.num_items - most_seen
+    if max(ks) > room:
+        raise ConfigError(f"train.ks: k={max(ks)} but a user has only {room} unseen items out of {data.num_items} "
+                          f"(pass smaller cut-offs, e.g. --ks 10,20)")
+
+
+class InBatchObjective(nn.Module):
+    """The in-batch softmax loss (+ the towers' MoE aux losses) as a module, so data parallelism wraps it.
+
+    Every process encodes the whole global batch's items (the negatives each row is scored against)
+    and its own rows' users, and returns its rows' loss as their share of the global batch's mean."""
+
+    def __init__(self, model: TwoTower, settings: TwoTowerTrainSettings, log_q_I: torch.Tensor,
+                 neg_log_q: float) -> None:
+        super().__init__()
+        self.model, self.settings = model, settings
+        self.register_buffer("log_q_I", log_q_I, persistent=False)
+        self.neg_log_q = neg_log_q
+
+    def forward(self, user_B: torch.Tensor, history_BL: torch.Tensor, item_B: torch.Tensor, rows: torch.Tensor,
+                neg_ids: torch.Tensor | None = None) -> torch.Tensor:
+        model, settings = self.model, self.settings
+        u_out = model.user_forward(user_B[rows], history_BL[rows])
+        i_out = model.item_forward(item_B)
+        log_q = self.log_q_I[item_B] if settings.logq else torch.zeros(len(item_B))
+        neg = {}
+        if neg_ids is not None:
+            neg = {"neg_item_MD": model.item_forward(neg_ids).embedding, "neg_ids_M": neg_ids,
+                   "neg_log_q_M": torch.full((len(neg_ids),), self.neg_log_q if settings.logq else 0.0)}
+        loss = in_batch_softmax_loss(u_out.embedding, i_out.embedding, item_B, log_q, model.config.temperature,
+                                     rows=None if len(rows) == len(item_B) else rows, **neg)
+        return loss * (len(rows) / len(item_B)) + u_out.aux_loss + i_out.aux_loss
+
+
+def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str = "new", ml: MovieLens | None = None,
+        data: RetrievalData | None = None, log=print) -> TrainResult:
+    """Train a two-tower model into the run folder `out` (None: write nothing); Recall/Hit@K at the end.
+
+    Under torchrun every process calls this (data parallelism: each process takes its share of each
+    batch's rows; the in-batch negatives stay the global batch's items)."""
+    settings, options = config.train, config.model
+    set_threads(settings.threads)
+    parallel = DataParallel(resolve_device(settings.device))
+    gen = seed_everything(settings.seed)
     if ml is None:
-        ml = load_movielens(cfg.data_dir, cfg.dataset)
-    model_cfg = TwoTowerConfig(num_users=ml.num_users, num_items=ml.num_items, num_genres=ml.genres.shape[1],
-                               num_occupations=len(ml.occupations), **cfg.model)
+        config = dataclasses.replace(config, data=resolve_data(config.data))
+        ml = load_movielens(config.data.data_dir, config.data.dataset)
+    model_cfg = options.model_config(ml)
     if data is None:
-        data = prepare_retrieval_data(ml, cfg.split, model_cfg.history_len, model_cfg.num_year_buckets)
+        data = prepare_retrieval_data(ml, config.data.split, model_cfg.history_len, model_cfg.num_year_buckets)
     if data.history_len != model_cfg.history_len:
         raise ValueError(f"data history_len={data.history_len} != model history_len={model_cfg.history_len}")
+    check_cutoffs(settings.ks, data)
     model = TwoTower(model_cfg)
     model.set_side_features(**data.side)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    N, B = len(data.train_user), cfg.batch_size
+    N, B = len(data.train_user), settings.batch_size
     # expected count of item j among the B in-batch samples, and of a uniform extra negative
     p_I = data.item_count.double() / N
     log_q_I = torch.log((B * p_I).clamp(min=1e-12)).float()
-    neg_log_q = float(np.log(max(cfg.extra_negatives, 1) / data.num_items))
+    neg_log_q = float(np.log(max(settings.extra_negatives, 1) / data.num_items))
+    trained = parallel.wrap(InBatchObjective(model, settings, log_q_I, neg_log_q))
+    # AdamW on every parameter (norms and biases too), non-fused: the optimizer docs/results/retrieval.md ran.
+    opt = build_optimizer(model, settings, kind="adamw", decay_all=True, fused=False)
     steps_per_epoch = (N + B - 1) // B
-    history: list[dict] = []
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"two-tower[{model_cfg.tower}]", unit="step",
-               disable=not cfg.progress, dynamic_ncols=True)
-    start, step = time.perf_counter(), 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(N, generator=gen)
-        total = 0.0
-        for idx in perm.split(B):
-            items = data.train_item[idx]
-            u_out = model.user_forward(data.train_user[idx], data.train_history[idx])
-            i_out = model.item_forward(items)
-            log_q = log_q_I[items] if cfg.logq else torch.zeros(len(idx))
-            neg = {}
-            if cfg.extra_negatives:
-                neg_ids = torch.randint(data.num_items, (cfg.extra_negatives,), generator=gen)
-                neg = {"neg_item_MD": model.item_forward(neg_ids).embedding, "neg_ids_M": neg_ids,
-                       "neg_log_q_M": torch.full((cfg.extra_negatives,), neg_log_q if cfg.logq else 0.0)}
-            loss = in_batch_softmax_loss(u_out.embedding, i_out.embedding, items, log_q,
-                                         model_cfg.temperature, **neg)
-            loss = loss + u_out.aux_loss + i_out.aux_loss
-            check_finite(loss, step, cfg.out_dir or "")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            step += 1
-            bar.update(1)
-        history.append({"epoch": epoch + 1, "loss": total / N})
-        bar.set_postfix(loss=f"{total / N:.4f}")
-    bar.close()
-    metrics = evaluate_scores(two_tower_scores(model, data), data, tuple(cfg.ks))
-    report = {"metrics": metrics, "history": history, "train_seconds": time.perf_counter() - start,
-              "split": cfg.split, "num_eval_users": len(data.eval_user)}
-    if cfg.out_dir:
-        save_two_tower(cfg.out_dir, model, cfg, report)
-    return model, report
+    rng = RNGState(gen)
+    run = Run(out, "two-tower", mode, writer=parallel.is_main, tensorboard=True)
+    with run:
+        run.write_config(model, {"data": config_dict(config.data), "train": config_dict(settings)},
+                         settings.RUNTIME_KEYS)
+        run.write_artifact("items.json", {"dataset": ml.name, "raw_item_ids": [int(i) for i in ml.item_ids],
+                                          "titles": list(ml.titles)})
+        done, step = 0, 0
+        if mode == "resume":
+            state, tensors = run.resume_state(model, opt)
+            rng.restore(tensors, state)
+            done, step = state["step"], state["optimizer_steps"]
+        bar = progress_bar(settings.progress and parallel.is_main, total=settings.epochs * steps_per_epoch,
+                           initial=done * steps_per_epoch, desc=f"two-tower[{model_cfg.tower}]")
+        watch = Stopwatch()
+        for epoch in range(done, settings.epochs):
+            model.train()
+            perm = torch.randperm(N, generator=gen)
+            total = 0.0
+            with watch:
+                for idx in perm.split(B):
+                    neg_ids = None
+                    if settings.extra_negatives:  # drawn for the global batch, so every process draws alike
+                        neg_ids = torch.randint(data.num_items, (settings.extra_negatives,), generator=gen)
+                    rows = parallel.shard(torch.arange(len(idx)))
+                    loss = trained(data.train_user[idx], data.train_history[idx], data.train_item[idx], rows,
+                                   neg_ids) * parallel.world
+                    loss.backward()
+                    step += 1
+                    optimizer_step(opt, loss, step, run.last_good, settings.grad_clip)
+                    total += float(loss.detach()) / parallel.world * len(idx)
+                    bar.update(1)
+            run.log({"epoch": epoch + 1, "step": step, "loss": total / N})
+            bar.set_postfix(loss=f"{total / N:.4f}")
+            run.checkpoint(epoch + 1, model, opt, {"optimizer_steps": step, **rng.json()}, rng.tensors(),
+                           settings.keep_checkpoints)
+        bar.close()
+        run.save_model(model)
+        run.write_artifact("item_embeddings.safetensors", _tensor_bytes(model.all_item_embeddings()))
+        metrics = evaluate_scores(two_tower_scores(model, data), data, tuple(settings.ks))
+        extra = {"split": config.data.split, "num_eval_users": len(data.eval_user), "tower": model_cfg.tower}
+        result = TrainResult("two-tower", model, metrics, {}, run.metrics, None, step, watch.seconds, run.path, extra)
+        run.write_results(result.to_json())
+    return result
 
 
-# ----------------------------------------------------------------------------- checkpoints and serving
+def _tensor_bytes(items_ID: torch.Tensor) -> bytes:
+    from safetensors.torch import save
+
+    return save({"item_embeddings": items_ID.detach().contiguous().cpu()})
 
 
-def save_two_tower(out_dir: str | Path, model: TwoTower, cfg: RetrievalTrainConfig, report: dict) -> Path:
-    out = Path(out_dir)
-    save_tensors(out / "model.safetensors", model.state_dict())
-    save_tensors(out / "item_embeddings.safetensors", {"item_embeddings": model.all_item_embeddings()})
-    atomic_write_json(out / "config.json", {"model": asdict(model.config), "train": asdict(cfg)})
-    atomic_write_json(out / "metrics.json", report)
-    return out
+# ----------------------------------------------------------------------------- a finished run
 
 
-def load_two_tower(ckpt_dir: str | Path) -> tuple[TwoTower, dict, torch.Tensor]:
-    """The model, the saved config dict and the exported (I, D) item embeddings of a checkpoint folder."""
-    ckpt, saved = read_checkpoint_config(ckpt_dir, "train two-tower")
-    model = TwoTower(TwoTowerConfig(**saved["model"]))
-    model.load_state_dict(load_tensors(ckpt / "model.safetensors"))
-    model.eval()
-    items = load_tensors(ckpt / "item_embeddings.safetensors")["item_embeddings"]
-    return model, saved, items
+CONFIG = TwoTowerRunConfig
+
+
+def config_from_run(header: dict) -> TwoTowerRunConfig:
+    from moekit.train.families import run_config
+
+    return run_config(TwoTowerRunConfig, header, TwoTowerOptions, header["model"])
+
+
+def load_run(path: Path, device: str = "cpu"):
+    """`moekit.load` for a two-tower run: the model, `loaded.items` (raw ids, titles) and
+    `loaded.item_embeddings` (I, D), ready for an `ItemIndex`."""
+    import json
+
+    from moekit.io import load_tensors
+    from moekit.models.pretrained import read_model_header
+    from moekit.train.families import LoadedRun
+
+    path = Path(path)
+    header = read_model_header(path)
+    model = TwoTower.from_pretrained(path, device=resolve_device(device))
+    items = json.loads((path / "items.json").read_text(encoding="utf-8")) if (path / "items.json").is_file() else None
+    emb_path = path / "item_embeddings.safetensors"
+    embeddings = load_tensors(emb_path)["item_embeddings"] if emb_path.is_file() else model.all_item_embeddings()
+    config = config_from_run(header) if "train" in header else None
+    return LoadedRun("two-tower", model, path, config, {"items": items, "item_embeddings": embeddings})
+
+
+def load_run_data(loaded, data_dir: str | None = None) -> tuple[MovieLens, RetrievalData]:
+    """The interactions a two-tower run was trained on, split as it was (checked to match the model)."""
+    if loaded.config is None:
+        raise ValueError(f"{loaded.path} holds a model without its data config")
+    data_config = loaded.config.data
+    folder = data_dir or data_config.data_dir
+    ml = load_movielens(folder, data_config.dataset)
+    model = loaded.model
+    if ml.num_items != model.config.num_items or ml.num_users != model.config.num_users:
+        raise ValueError(f"{ml.name} at {folder} has {ml.num_users} users and {ml.num_items} movies; the run "
+                         f"was trained on {model.config.num_users} and {model.config.num_items}")
+    data = prepare_retrieval_data(ml, data_config.split, model.config.history_len, model.config.num_year_buckets)
+    return ml, data
+
+
+def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = None) -> dict[str, float]:
+    """The test metrics of a finished two-tower run, computed again from its folder and its data."""
+    loaded = load_run(Path(path), device)
+    _, data = load_run_data(loaded, data_dir)
+    return evaluate_scores(two_tower_scores(loaded.model, data), data, tuple(loaded.config.train.ks))
 
 
 class ItemIndex:

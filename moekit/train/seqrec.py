@@ -19,96 +19,175 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from moekit.data.sequences import LeaveOneOut, SequenceDataset, leave_one_out, load_sequences, pad_left
-from moekit.io import atomic_write_json, load_tensors, read_checkpoint_config, save_tensors
+from moekit.config import ConfigError, check_choice, check_int, check_number, config_dict, documented
+from moekit.data.sequences import DATASETS, LeaveOneOut, SequenceDataset, leave_one_out, load_sequences, pad_left
 from moekit.models.sequential import FAME, FAMEConfig, SASRec, SASRecConfig, build_model
+from moekit.train.loop import (
+    EarlyStopping,
+    RNGState,
+    TrainSettings,
+    build_optimizer,
+    optimizer_step,
+    progress_bar,
+    resolve_device,
+    seed_everything,
+    set_threads,
+)
 from moekit.train.metrics import mask_history, ranking_metrics, sampled_target_ranks, target_ranks
-from moekit.train.reproducibility import check_finite, seed_everything
+from moekit.train.parallel import DataParallel
+from moekit.train.results import Stopwatch, TrainResult
+from moekit.train.run import Run
 
 KS = (5, 10, 20)
-DEFAULT_HEADS = {"sasrec": 4, "fame": 2}  # see SeqRecTrainConfig.num_heads
+DEFAULT_HEADS = {"sasrec": 4, "fame": 2}  # see SeqRecModelOptions.num_heads
+ARCHITECTURES = ("sasrec", "fame")
 
 
+@documented
 @dataclass
-class SeqRecTrainConfig:
-    dataset: str = "beauty"  # beauty | ml-100k | ml-1m
-    data_dir: str | None = None  # the dataset's folder; None: $MOEKIT_DATA/<folder>
-    min_rating: float | None = None  # MovieLens: keep ratings >= this (None: all, implicit)
-    core: int | None = None  # k-core filtering (None: 0 for Beauty, which is 5-core already; 5 for MovieLens)
-    model: str = "sasrec"  # sasrec | fame
-    loss: str = "ce"  # ce (full softmax) | bce (one sampled negative, as the SASRec paper)
+class SeqRecModelOptions:
+    """Architecture and sizes of a sequential recommender (the `model` section; the catalogue size
+    comes from the data)."""
+
+    architecture: str = "sasrec"
+    """'sasrec' (Kang & McAuley 2018) or 'fame' (facet-aware multi-head MoE, Liu et al. 2025)."""
     max_len: int = 50
+    """Most recent items the model sees (the SASRec paper's 50 for Amazon data)."""
     hidden: int = 64
+    """Width of item embeddings and hidden states."""
     num_layers: int = 2
-    # None: each model's best on Beauty (docs/results/seqrec_variants.md): SASRec 4 (NDCG@10 +0.0023
-    # over 2 heads, 3 seeds; on ML-100K -0.0019, inside its 0.006 seed std), FAME 2 (with 4 its
-    # facets are 16 wide: NDCG@10 -0.0023). These and the settings below were chosen with the
-    # per-batch mean loss that moekit trained with before every target weighed the same.
+    """Transformer blocks."""
     num_heads: int | None = None
-    positions: str = "end"  # end | start (see SASRecConfig.positions)
+    """Attention heads; None: each model's best on Beauty (docs/results/seqrec_variants.md): SASRec 4
+    (NDCG@10 +0.0023 over 2 heads, 3 seeds), FAME 2 (with 4 its facets are 16 wide: NDCG@10 -0.0023)."""
+    positions: str = "end"
+    """Position index counted back from the newest item ('end', SASRec paper) or from the oldest item
+    in the window ('start', RecBole)."""
     num_experts: int = 4
-    head_mixing: str = "logits"  # FAME: 'logits' (gate-weighted head scores) | 'probability' (see FAMEConfig)
-    # lr 3e-3 and dropout 0.3: SASRec's best Beauty validation NDCG@10 comes after 6-13 epochs
-    # (docs/results/seqrec.md). The SASRec paper's lr 1e-3 or dropout 0.5, hidden 128, weight decay
-    # and other single changes land within ~2 seed stds of this on Beauty's test set
-    # (docs/results/seqrec_variants.md).
+    """FAME: query experts per head."""
+    head_mixing: str = "logits"
+    """FAME: 'logits' (gate-weighted head scores) or 'probability' (mixture of the heads' softmaxes)."""
     dropout: float = 0.3
+    """Dropout on embeddings and block outputs. 0.3 and lr 3e-3: SASRec's best Beauty validation
+    NDCG@10 after 6-13 epochs (docs/results/seqrec.md)."""
     attn_dropout: float = 0.3
-    epochs: int = 200
-    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
-    # Multiply the learning rate by this after `lr_patience` epochs without a better validation
-    # NDCG@10 (ReduceLROnPlateau); None: constant learning rate.
-    lr_decay: float | None = None
-    lr_patience: int = 2
-    batch_size: int = 256
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    eval_protocol: str = "full"  # full | sampled
-    num_negatives: int = 100  # for eval_protocol='sampled'
-    eval_batch_size: int = 1024
-    # Early stopping reads validation metrics on this many users (a fixed random subset; None: all).
-    # Full ranking of every user each epoch costs about as much as a training epoch on a small CPU.
-    valid_users: int | None = None
-    seed: int = 0
-    out_dir: str | None = None  # checkpoint + metrics; None: nothing written
-    progress: bool = True
-    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    """Dropout on attention weights."""
 
     def __post_init__(self) -> None:
-        choices = {"model": ("sasrec", "fame"), "loss": ("ce", "bce"), "eval_protocol": ("full", "sampled"),
-                   "positions": ("end", "start")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
-        if self.num_heads is None:
-            self.num_heads = DEFAULT_HEADS[self.model]
-        for name in ("epochs", "batch_size", "eval_batch_size", "num_negatives", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0 (got {self.lr})")
-        if self.lr_decay is not None and not 0 < self.lr_decay < 1:
-            raise ValueError(f"lr_decay must be in (0, 1) or None (got {self.lr_decay})")
-        if self.head_mixing not in ("probability", "logits"):
-            raise ValueError(f"head_mixing must be 'probability' or 'logits' (got {self.head_mixing!r})")
-        if self.head_mixing == "probability" and self.loss == "bce":
-            raise ValueError("head_mixing='probability' needs loss='ce' (sampled negatives have no full "
-                             "softmax per head); use head_mixing='logits' with loss='bce'")
+        check_choice("model.architecture", self.architecture, ARCHITECTURES)
+        check_choice("model.positions", self.positions, ("end", "start"))
+        check_choice("model.head_mixing", self.head_mixing, ("logits", "probability"))
+        for name in ("max_len", "hidden", "num_layers", "num_experts"):
+            check_int(f"model.{name}", getattr(self, name), 1)
+        if self.num_heads is not None:
+            check_int("model.num_heads", self.num_heads, 1)
+        for name in ("dropout", "attn_dropout"):
+            check_number(f"model.{name}", getattr(self, name), 0.0, 1.0, strict_max=True)
+
+    @property
+    def heads(self) -> int:
+        return self.num_heads if self.num_heads is not None else DEFAULT_HEADS[self.architecture]
 
     def model_config(self, num_items: int) -> SASRecConfig:
         common = dict(num_items=num_items, max_len=self.max_len, hidden=self.hidden, num_layers=self.num_layers,
-                      num_heads=self.num_heads, positions=self.positions, dropout=self.dropout,
+                      num_heads=self.heads, positions=self.positions, dropout=self.dropout,
                       attn_dropout=self.attn_dropout)
-        if self.model == "fame":
+        if self.architecture == "fame":
             return FAMEConfig(**common, num_experts=self.num_experts, head_mixing=self.head_mixing)
         return SASRecConfig(**common)
+
+
+@documented
+@dataclass
+class SequenceDataConfig:
+    """Which interaction sequences to train on (the `data` section)."""
+
+    dataset: str = "beauty"
+    """beauty (Amazon Beauty, 5-core), ml-100k or ml-1m (MovieLens)."""
+    data_dir: str | None = None
+    """The dataset's folder (None: $MOEKIT_DATA/<folder>)."""
+    min_rating: float | None = None
+    """MovieLens: keep ratings >= this (None: every rating, as implicit feedback)."""
+    core: int | None = None
+    """k-core filtering (None: 0 for Beauty, which is 5-core already; 5 for MovieLens)."""
+
+    def __post_init__(self) -> None:
+        check_choice("data.dataset", self.dataset, DATASETS)
+        if self.min_rating is not None:
+            check_number("data.min_rating", self.min_rating)
+        if self.core is not None:
+            check_int("data.core", self.core, 0)
+
+
+@documented
+@dataclass
+class SeqRecTrainSettings(TrainSettings):
+    """How `moekit train seqrec` trains and evaluates (the `train` section)."""
+
+    lr: float = 3e-3
+    """Adam learning rate."""
+    batch_size: int = 256
+    """Training windows per optimizer step."""
+    loss: str = "ce"
+    """'ce' (full softmax over all items) or 'bce' (one sampled negative, the SASRec paper)."""
+    epochs: int = 200
+    """Most epochs; early stopping ends sooner."""
+    patience: int = 10
+    """Epochs without a better validation NDCG@10 before stopping."""
+    lr_decay: float | None = None
+    """Multiply the learning rate by this after `lr_patience` epochs without a better validation
+    NDCG@10 (ReduceLROnPlateau); None: constant."""
+    lr_patience: int = 2
+    """Epochs without improvement before the learning rate decays."""
+    eval_protocol: str = "full"
+    """'full' (rank every item, history masked) or 'sampled' (the SASRec paper's target vs 100 random
+    unseen items; far higher numbers, not comparable with full ranking)."""
+    num_negatives: int = 100
+    """Negatives per user for eval_protocol='sampled'."""
+    eval_batch_size: int = 1024
+    """Users per batch when ranking."""
+    valid_users: int | None = None
+    """Read early stopping's validation metrics on this many users (a fixed random subset; None: all)."""
+
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = TrainSettings.RUNTIME_KEYS + ("eval_batch_size",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("train.loss", self.loss, ("ce", "bce"))
+        check_choice("train.eval_protocol", self.eval_protocol, ("full", "sampled"))
+        for name in ("epochs", "patience", "lr_patience", "num_negatives", "eval_batch_size"):
+            check_int(f"train.{name}", getattr(self, name), 1)
+        if self.lr_decay is not None:
+            check_number("train.lr_decay", self.lr_decay, 0.0, 1.0, strict_min=True, strict_max=True)
+        if self.valid_users is not None:
+            check_int("train.valid_users", self.valid_users, 1)
+
+
+@documented
+@dataclass
+class SeqRecConfig:
+    """Everything one `moekit train seqrec` run needs."""
+
+    model: SeqRecModelOptions = field(default_factory=SeqRecModelOptions)
+    """Architecture and sizes."""
+    data: SequenceDataConfig = field(default_factory=SequenceDataConfig)
+    """The interaction sequences."""
+    train: SeqRecTrainSettings = field(default_factory=SeqRecTrainSettings)
+    """Optimisation, early stopping, evaluation protocol."""
+
+    def __post_init__(self) -> None:
+        if self.model.head_mixing == "probability" and self.train.loss == "bce" and self.model.architecture == "fame":
+            raise ConfigError("model.head_mixing='probability' needs train.loss='ce' (sampled negatives have no "
+                              "full softmax per head); use head_mixing='logits' with loss='bce'")
 
 
 def training_windows(train: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,12 +223,13 @@ def _trim(items_BT: torch.Tensor) -> int:
 
 
 def train_loss(model: SASRec, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, loss: str,
-               num_items: int, generator: torch.Generator, targets_per_batch: float) -> torch.Tensor:
+               negatives_BT: torch.Tensor | None, targets_per_batch: float) -> torch.Tensor:
     """One batch's next-item loss: the sum over its targets divided by `targets_per_batch` (the
     epoch's mean number of targets per batch), so every target weighs the same. A plain batch mean
     would not: length-bucketed batches of 3-item sequences hold ~17x fewer targets than batches of
     50-item windows, and each of their targets would weigh ~17x more (a per-user, not a per-target,
-    objective; on Beauty it cost SASRec ~0.012 test HR@10, docs/results/seqrec_variants.md)."""
+    objective; on Beauty it cost SASRec ~0.012 test HR@10, docs/results/seqrec_variants.md).
+    `negatives_BT` (loss 'bce'): one sampled negative per position (`sample_unseen_negatives`)."""
     start = _trim(inputs_BT)
     inputs_BT, targets_BT = inputs_BT[:, start:], targets_BT[:, start:]
     h_BTD = model(inputs_BT)
@@ -158,12 +238,24 @@ def train_loss(model: SASRec, inputs_BT: torch.Tensor, targets_BT: torch.Tensor,
     if loss == "ce":
         mean = model.next_item_loss(h_PD, target_P)
     else:
-        negative_P = sample_unseen_negatives(inputs_BT, targets_BT, num_items, generator)[keep_BT]
+        negative_P = negatives_BT[:, start:][keep_BT]
         scores_P2 = model.logits(h_PD, torch.stack([target_P, negative_P], 1))
         labels_P2 = torch.zeros_like(scores_P2)
         labels_P2[:, 0] = 1.0
         mean = F.binary_cross_entropy_with_logits(scores_P2, labels_P2)
     return mean * (len(target_P) / targets_per_batch)
+
+
+class NextItemObjective(nn.Module):
+    """`train_loss` as a module, so data parallelism (DDP) wraps the model with its loss."""
+
+    def __init__(self, model: SASRec, loss: str, targets_per_batch: float) -> None:
+        super().__init__()
+        self.model, self.loss, self.targets_per_batch = model, loss, targets_per_batch
+
+    def forward(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor,
+                negatives_BT: torch.Tensor | None = None) -> torch.Tensor:
+        return train_loss(self.model, inputs_BT, targets_BT, self.loss, negatives_BT, self.targets_per_batch)
 
 
 def sample_unseen_negatives(inputs_BT: torch.Tensor, targets_BT: torch.Tensor, num_items: int,
@@ -207,14 +299,14 @@ def evaluate(model: SASRec, histories: list[list[int]], targets: np.ndarray, *, 
              negatives: np.ndarray | None = None, batch_size: int = 1024, ks=KS) -> tuple[dict, torch.Tensor]:
     """Metrics and per-user 0-based target ranks. Full protocol: all items, history masked."""
     model.eval()
-    max_len = model.config.max_len
+    max_len, device = model.config.max_len, model.item_emb.weight.device
     ranks = []
     for lo in range(0, len(histories), batch_size):
         hist = histories[lo:lo + batch_size]
         items_BT = torch.from_numpy(pad_left(hist, max_len))
         items_BT = items_BT[:, _trim(items_BT):]
         target_B = torch.from_numpy(targets[lo:lo + batch_size])
-        scores_BI = model.scores(items_BT).float()
+        scores_BI = model.scores(items_BT.to(device)).float().cpu()
         if protocol == "full":
             ranks.append(target_ranks(mask_history(scores_BI, hist, target_B), target_B))
         else:
@@ -228,133 +320,210 @@ def _fmt(metrics: dict, keys=("HR@10", "NDCG@10")) -> str:
     return " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
-def train(cfg: SeqRecTrainConfig, data: SequenceDataset | None = None,
-          model_factory: Callable[[str, SASRecConfig], SASRec] = build_model) -> dict:
-    """Train with early stopping on validation NDCG@10, restore the best epoch, test it.
-    Returns a result dict (config, epochs, best epoch, validation and test metrics, history).
-    `model_factory(kind, model_config)` builds the model after seeding (an experiment's variant of
-    SASRec/FAME; its checkpoints load back only through the same factory)."""
-    from tqdm import tqdm
+def resolve_data(config: SequenceDataConfig) -> SequenceDataConfig:
+    """`config` with `data_dir` made absolute, so the run folder names the data from anywhere."""
+    from moekit.data.paths import resolve_data_dir
+    from moekit.data.sequences import dataset_folder
 
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    generator = seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    folder = resolve_data_dir(config.data_dir, dataset_folder(config.dataset))
+    return dataclasses.replace(config, data_dir=str(folder))
+
+
+def load_data(config: SequenceDataConfig) -> SequenceDataset:
+    return load_sequences(config.dataset, config.data_dir, min_rating=config.min_rating, core=config.core)
+
+
+def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new",
+        data: SequenceDataset | None = None, model_factory: Callable[[str, SASRecConfig], SASRec] = build_model,
+        log=print) -> TrainResult:
+    """Train with early stopping on validation NDCG@10, restore the best epoch, test it, into the run
+    folder `out` (None: write nothing). `mode`: 'new', 'resume' or 'overwrite'.
+
+    `model_factory(architecture, model_config)` builds the model after seeding (an experiment's variant
+    of SASRec/FAME; the run folder then loads back only through the same factory). Under torchrun
+    every process calls this (data parallelism: see `moekit.train.parallel`).
+    """
+    settings, options = config.train, config.model
+    set_threads(settings.threads)
+    parallel = DataParallel(resolve_device(settings.device))
+    device = parallel.device
+    generator = seed_everything(settings.seed)
+    rng = np.random.default_rng(settings.seed)
     if data is None:
-        data = load_sequences(cfg.dataset, cfg.data_dir, min_rating=cfg.min_rating, core=cfg.core)
+        config = dataclasses.replace(config, data=resolve_data(config.data))
+        data = load_data(config.data)
     split = leave_one_out(data.sequences)
-    inputs_WT, targets_WT = (torch.from_numpy(a) for a in training_windows(split.train, cfg.max_len))
+    inputs_WT, targets_WT = (torch.from_numpy(a) for a in training_windows(split.train, options.max_len))
     lengths_W = (inputs_WT != 0).sum(1)
     num_targets = int((targets_WT != 0).sum())
-    targets_per_batch = num_targets / math.ceil(len(inputs_WT) / cfg.batch_size)
-    model = model_factory(cfg.model, cfg.model_config(data.num_items))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    targets_per_batch = num_targets / math.ceil(len(inputs_WT) / settings.batch_size)
+    model = model_factory(options.architecture, options.model_config(data.num_items)).to(device)
+    trained = parallel.wrap(NextItemObjective(model, settings.loss, targets_per_batch))
+    optimizer = build_optimizer(model, settings, kind="adam")
     scheduler = None
-    if cfg.lr_decay is not None:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
-                                                               patience=cfg.lr_patience)
-    n_valid = len(split.users) if cfg.valid_users is None else min(cfg.valid_users, len(split.users))
+    if settings.lr_decay is not None:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=settings.lr_decay,
+                                                               patience=settings.lr_patience)
+    n_valid = len(split.users) if settings.valid_users is None else min(settings.valid_users, len(split.users))
     valid_rows = np.sort(rng.permutation(len(split.users))[:n_valid])
     valid_history = [split.valid_history[u] for u in valid_rows]
     valid_target = split.valid_target[valid_rows]
     valid_neg = test_neg = None
-    if cfg.eval_protocol == "sampled":
-        n, items = cfg.num_negatives, data.num_items
+    if settings.eval_protocol == "sampled":
+        n, items = settings.num_negatives, data.num_items
         valid_neg = sample_negatives(split.valid_history, split.valid_target, items, n, rng)
         test_neg = sample_negatives(split.test_history, split.test_target, items, n, rng)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-    ckpt = out_dir / "model.safetensors" if out_dir else None
+    eval_kw = dict(protocol=settings.eval_protocol, batch_size=settings.eval_batch_size)
+    stopper = EarlyStopping("validation NDCG@10", settings.patience)
+    state_rng = RNGState(generator, rng)
 
-    best, best_epoch, best_state, history, step = -1.0, 0, None, [], 0
-    start_time = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"{cfg.model} {data.name}", unit="epoch",
-               disable=not cfg.progress)
-    for epoch in bar:
-        model.train()
-        t0 = time.perf_counter()
-        total, batches = 0.0, 0
-        for idx in length_bucketed_batches(lengths_W, cfg.batch_size, generator):
-            loss = train_loss(model, inputs_WT[idx], targets_WT[idx], cfg.loss, data.num_items, generator,
-                              targets_per_batch)
-            check_finite(loss, step, str(ckpt) if ckpt else "")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, batches, step = total + loss.item(), batches + 1, step + 1
-        train_s = time.perf_counter() - t0
-        valid, _ = evaluate(model, valid_history, valid_target, protocol=cfg.eval_protocol,
-                            negatives=None if valid_neg is None else valid_neg[valid_rows],
-                            batch_size=cfg.eval_batch_size)
-        history.append({"epoch": epoch, "loss": total / batches, "train_s": train_s,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "valid": {k: valid[k] for k in ("HR@10", "NDCG@10")}})
-        if scheduler is not None:
-            scheduler.step(valid["NDCG@10"])
-        if valid["NDCG@10"] > best:
-            best, best_epoch = valid["NDCG@10"], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if out_dir:
-                save_checkpoint(out_dir, model, cfg, data)
-        bar.set_postfix_str(f"loss {total / batches:.3f} val {_fmt(valid)} best@{best_epoch} "
-                            f"{len(inputs_WT) / train_s:,.0f} seq/s")
-        if epoch - best_epoch >= cfg.patience:
-            break
-    model.load_state_dict(best_state)
-    valid, _ = evaluate(model, split.valid_history, split.valid_target, protocol=cfg.eval_protocol,
-                        negatives=valid_neg, batch_size=cfg.eval_batch_size)
-    test, test_ranks = evaluate(model, split.test_history, split.test_target, protocol=cfg.eval_protocol,
-                                negatives=test_neg, batch_size=cfg.eval_batch_size)
-    result = {
-        "config": dataclasses.asdict(cfg),
-        "data": {"name": data.name, "users": data.num_users, "items": data.num_items,
-                 "interactions": data.num_interactions, "eval_users": len(split.users)},
-        "protocol": protocol_description(cfg),
-        "epochs_run": len(history),
-        "best_epoch": best_epoch,
-        "train_seconds": time.perf_counter() - start_time,
-        "valid": valid,
-        "test": test,
-        "history": history,
-    }
-    if out_dir:
-        atomic_write_json(out_dir / "metrics.json", result)
-    result["model"] = model
-    result["split"] = split
-    result["test_ranks"] = test_ranks
+    run = Run(out, "seqrec", mode, writer=parallel.is_main, tensorboard=True)
+    with run:
+        run.write_config(model, {"data": config_dict(config.data), "train": config_dict(settings)},
+                         settings.RUNTIME_KEYS)
+        run.write_artifact("items.json", item_catalogue(data))
+        done_epochs, step = 0, 0
+        if mode == "resume":
+            state, tensors = run.resume_state(model, optimizer)
+            state_rng.restore(tensors, state)
+            done_epochs, step = state["step"], state["optimizer_steps"]
+            stopper.load_state(state["stopper"], run.model_tensors())
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+        watch = Stopwatch()
+        bar = progress_bar(settings.progress and parallel.is_main, total=settings.epochs, initial=done_epochs,
+                           unit="epoch", desc=f"{options.architecture} {data.name}")
+        for epoch in range(done_epochs + 1, settings.epochs + 1):
+            if stopper.should_stop:
+                break
+            trained.train()
+            t0 = time.perf_counter()
+            total, batches = 0.0, length_bucketed_batches(lengths_W, settings.batch_size, generator)
+            inner = progress_bar(settings.progress and parallel.is_main, total=len(batches), unit="batch",
+                                 desc=f"epoch {epoch}", leave=False)
+            with watch:
+                for idx in batches:
+                    inputs_BT, targets_BT = inputs_WT[idx], targets_WT[idx]
+                    first = _trim(inputs_BT)  # no column of only padding: short sequences cost little
+                    inputs_BT, targets_BT = inputs_BT[:, first:], targets_BT[:, first:]
+                    negatives_BT = None
+                    if settings.loss == "bce":  # drawn for the whole batch, so every process draws alike
+                        negatives_BT = sample_unseen_negatives(inputs_BT, targets_BT, data.num_items, generator)
+                    local = parallel.shard(torch.arange(len(idx)))
+                    loss = trained(inputs_BT[local].to(device), targets_BT[local].to(device),
+                                   None if negatives_BT is None else negatives_BT[local].to(device)) * parallel.world
+                    loss.backward()
+                    step += 1
+                    optimizer_step(optimizer, loss, step, run.last_good, settings.grad_clip)
+                    total += float(loss.detach()) / parallel.world
+                    inner.update(1)
+            inner.close()
+            train_s = time.perf_counter() - t0
+            valid, _ = evaluate(model, valid_history, valid_target,
+                                negatives=None if valid_neg is None else valid_neg[valid_rows], **eval_kw)
+            lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None:
+                scheduler.step(valid["NDCG@10"])
+            if stopper.update(epoch, valid["NDCG@10"], model):
+                run.save_model(model)
+            run.log({"epoch": epoch, "step": step, "loss": total / len(batches), "lr": lr, "train_s": train_s,
+                     "valid HR@10": valid["HR@10"], "valid NDCG@10": valid["NDCG@10"]})
+            extra_state = {"optimizer_steps": step, "stopper": stopper.state(), **state_rng.json()}
+            if scheduler is not None:
+                extra_state["scheduler"] = scheduler.state_dict()
+            run.checkpoint(epoch, model, optimizer, extra_state, state_rng.tensors(), settings.keep_checkpoints)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {total / len(batches):.3f} val {_fmt(valid)} best@{stopper.best_epoch} "
+                                f"{len(inputs_WT) / train_s:,.0f} seq/s")
+        bar.close()
+        stopper.restore(model)
+        run.save_model(model)
+        valid, _ = evaluate(model, split.valid_history, split.valid_target, negatives=valid_neg, **eval_kw)
+        test, test_ranks = evaluate(model, split.test_history, split.test_target, negatives=test_neg, **eval_kw)
+        extra = {"data": {"name": data.name, "users": data.num_users, "items": data.num_items,
+                          "interactions": data.num_interactions, "eval_users": len(split.users)},
+                 "protocol": protocol_description(settings), "architecture": options.architecture}
+        result = TrainResult("seqrec", model, test, valid, run.metrics, stopper.best_epoch or None, step,
+                             watch.seconds, run.path, extra)
+        run.write_results(result.to_json())
+    result.extra["split"], result.extra["test_ranks"] = split, test_ranks  # for analyses, not results.json
     return result
 
 
-def protocol_description(cfg: SeqRecTrainConfig) -> str:
-    loss = "full softmax CE" if cfg.loss == "ce" else "BCE, 1 sampled negative"
-    if cfg.eval_protocol == "full":
+def protocol_description(settings: SeqRecTrainSettings) -> str:
+    loss = "full softmax CE" if settings.loss == "ce" else "BCE, 1 sampled negative"
+    if settings.eval_protocol == "full":
         ev = "full ranking over all items, history masked"
     else:
-        ev = f"SAMPLED: target vs {cfg.num_negatives} random unseen items (not comparable to full ranking)"
+        ev = f"SAMPLED: target vs {settings.num_negatives} random unseen items (not comparable to full ranking)"
     return f"leave-one-out; {ev}; trained with {loss}; early stopping on validation NDCG@10"
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# A finished run
 
 
-def save_checkpoint(out_dir: Path, model: SASRec, cfg: SeqRecTrainConfig, data: SequenceDataset) -> None:
-    """model.safetensors (weights) + config.json (model/training config, dataset and id maps)."""
-    save_tensors(out_dir / "model.safetensors", model.state_dict())
-    atomic_write_json(out_dir / "config.json", {
-        "model": cfg.model,
-        "model_config": dataclasses.asdict(model.config),
-        "train_config": dataclasses.asdict(cfg),
-        "dataset": data.name,
-    })
+CONFIG = SeqRecConfig
 
 
-def load_checkpoint(ckpt_dir: str | Path) -> tuple[SASRec, dict]:
-    """The model (eval mode) and the saved config.json of a `moekit train seqrec` run."""
-    ckpt_dir, meta = read_checkpoint_config(ckpt_dir, "train seqrec")
-    config_cls = FAMEConfig if meta["model"] == "fame" else SASRecConfig
-    model = build_model(meta["model"], config_cls(**meta["model_config"]))
-    model.load_state_dict(load_tensors(ckpt_dir / "model.safetensors"))
-    return model.eval(), meta
+def item_catalogue(data: SequenceDataset) -> dict:
+    """items.json: each internal item id's raw id, title and categories (what `recommend` prints)."""
+    return {"dataset": data.name, "raw_item_ids": list(map(_plain, data.raw_item_ids)),
+            "titles": {str(k): v for k, v in data.item_titles.items()},
+            "categories": {str(k): list(v) for k, v in data.item_categories.items()}}
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def config_from_run(header: dict) -> SeqRecConfig:
+    from moekit.train.families import run_config
+
+    options = dict(header["model"], architecture=header["architecture"].lower())
+    return run_config(SeqRecConfig, header, SeqRecModelOptions, options)
+
+
+def load_run(path: Path, device: str = "cpu"):
+    """`moekit.load` for a seqrec run: the model and its item catalogue (`loaded.items`)."""
+    import json
+
+    from moekit.models.pretrained import read_model_header
+    from moekit.train.families import LoadedRun
+
+    header = read_model_header(path)
+    model = SASRec.from_pretrained(path, device=resolve_device(device))
+    items_path = Path(path) / "items.json"
+    items = json.loads(items_path.read_text(encoding="utf-8")) if items_path.is_file() else None
+    config = config_from_run(header) if "train" in header else None
+    return LoadedRun("seqrec", model, Path(path), config, {"items": items})
+
+
+def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = None) -> dict[str, float]:
+    """The test metrics of a finished seqrec run, computed again from its folder and its data."""
+    loaded = load_run(Path(path), device)
+    if loaded.config is None:
+        raise ValueError(f"{path} is a saved model without a training config: no test users to evaluate")
+    data_config = loaded.config.data
+    if data_dir is not None:
+        data_config = dataclasses.replace(data_config, data_dir=str(data_dir))
+    data = load_data(data_config)
+    if data.num_items != loaded.model.config.num_items:
+        raise ValueError(f"the data in {data_config.data_dir} has {data.num_items} items but the run was trained "
+                         f"on {loaded.model.config.num_items}: is it the data the run was trained on?")
+    settings = loaded.config.train
+    split = leave_one_out(data.sequences)
+    test_neg = None
+    if settings.eval_protocol == "sampled":  # the negatives fit() drew: same seed, same draws
+        rng = np.random.default_rng(settings.seed)
+        n_valid = len(split.users) if settings.valid_users is None else min(settings.valid_users, len(split.users))
+        rng.permutation(len(split.users))[:n_valid]
+        sample_negatives(split.valid_history, split.valid_target, data.num_items, settings.num_negatives, rng)
+        test_neg = sample_negatives(split.test_history, split.test_target, data.num_items, settings.num_negatives,
+                                    rng)
+    test, _ = evaluate(loaded.model, split.test_history, split.test_target, protocol=settings.eval_protocol,
+                       negatives=test_neg, batch_size=settings.eval_batch_size)
+    return test
 
 
 @torch.no_grad()
@@ -403,5 +572,6 @@ def head_gate_by_category(model: FAME, split: LeaveOneOut, data: SequenceDataset
     return names, table / np.maximum(n, 1)[:, None], n
 
 
-def seconds_per_epoch(result: dict) -> float:
-    return float(np.mean([h["train_s"] for h in result["history"]])) if result["history"] else math.nan
+def seconds_per_epoch(result: TrainResult) -> float:
+    """Mean training seconds per epoch of a run (evaluation excluded)."""
+    return float(np.mean([float(h["train_s"]) for h in result.history])) if result.history else math.nan
