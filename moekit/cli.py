@@ -100,7 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # KEY=VALUE overrides may come after options too (argparse stops a positional list at an option).
+        stray = [a for a in extra if "=" not in a or a.startswith("-") or not hasattr(args, "overrides")]
+        if stray:
+            parser.parse_args(argv)  # prints argparse's usage error and exits 2
+        if extra:
+            args.overrides = [*args.overrides, *extra]
     except SystemExit as exit_:  # --help, or a usage error argparse has already printed
         return int(exit_.code or 0)
     if as_program and not args.no_malloc_tuning and getattr(args._module, "TUNE_MALLOC", False):

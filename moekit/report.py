@@ -60,7 +60,8 @@ def write_demo_report(summary: dict, path: str | Path) -> Path:
         parts.append(f"<h3>Sample from the {kind} model</h3><pre>{html.escape(r['sample'])}</pre>")
 
     parts.append("<h2>2. Multi-task ranking: MMoE against Shared-Bottom</h2>")
-    parts.append(f"<p class='note'>Census-Income group 1 tasks; protocol: {html.escape(mtl['protocol'])}.</p>")
+    parts.append(f"<p class='note'>Census-Income group 1 tasks; protocol: {html.escape(mtl['protocol'])}. "
+                 f"{html.escape(mtl.get('note', ''))}</p>")
     tasks = mtl["tasks"]
     rows = [[model] + [f"{r['test_auc'][t]:.4f}" for t in tasks] for model, r in mtl["results"].items()]
     parts.append(table_html(["model"] + [f"test AUC {t}" for t in tasks], rows))

@@ -9,7 +9,7 @@ TUNE_MALLOC = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out-dir", default="runs", help="the run folder runs/demo-<timestamp> goes here")
+    parser.add_argument("--out", default=None, metavar="DIR", help="the run folder (default: runs/demo-<date>-<time>)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every step (under a minute)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -19,6 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from moekit.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out_dir=args.out_dir, quick=args.quick, seed=args.seed, progress=not args.no_progress,
+    run_demo(DemoConfig(out=args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
                         threads=args.threads))
     return 0

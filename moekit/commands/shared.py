@@ -160,6 +160,12 @@ def _merge(into: dict, update: dict) -> None:
             into[key] = value
 
 
+def _copy(sections: dict | None) -> dict | None:
+    import copy
+
+    return copy.deepcopy(sections)
+
+
 def saved_sections(family: str, folder: Path) -> dict | None:
     """The model / data / train sections of the run in `folder` (to resume it with its own settings)."""
     from moekit.config import config_dict
@@ -188,8 +194,10 @@ def default_out(family: str) -> Path:
     return Path("runs") / f"{family}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train_runs(args: argparse.Namespace, family: str, config_class: type, fit: Callable[..., Any]) -> list:
-    """Fit one run (`--seed`) or one per seed (`--seeds`, into OUT/seed-S); returns the results."""
+def train_runs(args: argparse.Namespace, family: str, config_class: type, fit: Callable[..., Any],
+               base: dict | None = None) -> list:
+    """Fit one run (`--seed`) or one per seed (`--seeds`, into OUT/seed-S); returns the results.
+    `base`: config sections that replace the defaults of a new run (e.g. the model of `--init DIR`)."""
     mode = run_mode(args)
     if mode == "resume" and not args.out:
         raise ConfigError("--resume needs --out: the run folder to continue")
@@ -200,8 +208,8 @@ def train_runs(args: argparse.Namespace, family: str, config_class: type, fit: C
     runs = []
     for i, folder in enumerate(folders):
         # A resumed run starts from its own saved config; flags and overrides then say what changes.
-        base = saved_sections(family, folder) if mode == "resume" else None
-        config = config_from_args(args, config_class, base)
+        start = saved_sections(family, folder) if mode == "resume" else None
+        config = config_from_args(args, config_class, start or _copy(base))
         runs.append((with_seed(config, args.seeds[i]) if args.seeds else config, folder))
     results = []
     for cfg, folder in runs:

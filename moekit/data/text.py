@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,17 +105,58 @@ class StreamDecoder:
         return piece
 
 
-def read_text_source(path: str | os.PathLike) -> str:
-    """A text file, or every *.txt / *.raw file of a folder in name order, concatenated."""
+def text_files(path: str | os.PathLike) -> list[Path]:
+    """The files a text source names: the file itself, or every *.txt / *.raw file of a folder in name order."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".raw") and p.is_file())
         if not files:
             raise FileNotFoundError(f"no .txt or .raw files in {path}")
-        return "".join(p.read_text(encoding="utf-8") for p in files)
+        return files
     if not path.is_file():
         raise FileNotFoundError(f"text data {path} does not exist")
-    return path.read_text(encoding="utf-8")
+    return [path]
+
+
+def read_text_source(path: str | os.PathLike) -> str:
+    """A text file (gzip-compressed if it ends in .gz), or every *.txt / *.raw file of a folder in name
+    order, concatenated. Undecodable or empty input names the file (and the byte)."""
+    parts = []
+    for file in text_files(path):
+        try:
+            if file.suffix == ".gz":
+                import gzip
+
+                raw = gzip.decompress(file.read_bytes())
+            else:
+                raw = file.read_bytes()
+        except (OSError, EOFError) as error:
+            raise ValueError(f"text data {file} cannot be read: {error}") from None
+        try:
+            parts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            bad = raw[error.start:error.start + 1]
+            raise ValueError(f"text data {file} is not UTF-8 text (byte {error.start}: {bad!r}); "
+                             "is it a binary file?") from None
+    text = "".join(parts)
+    if not text:
+        raise ValueError(f"text data {path} is empty")
+    return text
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 over the source's file names and bytes: the token cache is keyed by content, so an
+    edited file, or a file added to a folder, is tokenized again."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in text_files(path):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -160,31 +202,50 @@ def prepare_text_data(source: str | os.PathLike, cache_dir: str | os.PathLike, t
     """Tokenize `source` once into `cache_dir/{train,val}.bin` (+ tokenizer.json, meta.json); reuse it after.
 
     The last `val_fraction` of the text (cut at a character) is the validation split, as is usual
-    for TinyShakespeare; a BPE vocabulary is trained on the training part only.
+    for TinyShakespeare. `tokenizer`: 'byte', 'bpe' (a byte-level BPE vocabulary trained on the
+    training part only) or the path of a tokenizer.json (or of a folder holding one: an imported
+    model's). The cache is keyed by the source's content (`fingerprint`) and the tokenizer; it says
+    when it rebuilds.
     """
-    if tokenizer not in ("byte", "bpe"):
-        raise ValueError(f"unknown tokenizer={tokenizer!r}; expected 'byte' or 'bpe'")
+    if tokenizer not in ("byte", "bpe") and not Path(tokenizer).exists():
+        raise ValueError(f"tokenizer must be 'byte', 'bpe' or the path of a tokenizer.json (got {tokenizer!r}: "
+                         "no such file)")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1) (got {val_fraction})")
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / "meta.json"
-    source_stat = Path(source).stat() if Path(source).exists() else None
-    wanted = {"source": str(Path(source).resolve()), "tokenizer": tokenizer, "val_fraction": val_fraction,
-              "bpe_vocab_size": bpe_vocab_size if tokenizer == "bpe" else None,
-              "source_size": source_stat.st_size if source_stat else None}
+    tokenizer_file = None
+    if tokenizer not in ("byte", "bpe"):
+        tokenizer_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+    wanted = {"source": str(Path(source).resolve()), "content": fingerprint(source), "tokenizer": tokenizer,
+              "tokenizer_content": tokenizer_file.read_text(encoding="utf-8") if tokenizer_file else None,
+              "val_fraction": val_fraction, "bpe_vocab_size": bpe_vocab_size if tokenizer == "bpe" else None}
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
         if all(meta.get(k) == v for k, v in wanted.items()):
             return _open_token_data(cache_dir, meta)
+        print(f"moekit: tokenizing {source} again: the token cache in {cache_dir} was made from other text "
+              "or another tokenizer", file=sys.stderr)
 
     text = read_text_source(source)
     cut = int(len(text) * (1 - val_fraction))
     train_text, val_text = text[:cut], text[cut:]
-    tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer.train([train_text], bpe_vocab_size)
+    if tokenizer == "byte":
+        tok: ByteTokenizer | BPETokenizer = ByteTokenizer()
+    elif tokenizer == "bpe":
+        tok = BPETokenizer.train([train_text], bpe_vocab_size)
+    else:
+        tok = load_tokenizer(tokenizer_file.parent)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     cache_dir.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train_text), ("val", val_text)):
-        atomic_write_bytes(cache_dir / f"{name}.bin", np.asarray(tok.encode(part), dtype=dtype).tobytes())
+        ids = np.asarray(tok.encode(part), dtype=dtype)
+        if ids.size == 0:
+            raise ValueError(f"text data {source}: the {name} split ({val_fraction:.0%} held out) encodes to no tokens")
+        atomic_write_bytes(cache_dir / f"{name}.bin", ids.tobytes())
     tok.save(cache_dir)
     meta = {**wanted, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
             "val_bytes": len(val_text.encode("utf-8"))}

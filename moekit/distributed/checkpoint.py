@@ -167,17 +167,19 @@ def merge_checkpoint(folder: str | Path) -> dict[str, Tensor]:
 def save_merged(folder: str | Path, output: str | Path) -> Path:
     """Write the single-device checkpoint of `folder` to one safetensors file.
 
-    An `output` without the .safetensors suffix is a folder: it gets model.safetensors plus the
-    checkpoint's config.json and tokenizer.json, if any (what `moekit eval lm` reads).
+    An `output` without the .safetensors suffix is a folder: it gets model.safetensors plus the run's
+    config.json and tokenizer.json, if any (what `moekit eval lm` reads).
     """
     folder, output = Path(folder), Path(output)
     state = {k: v.clone() for k, v in merge_checkpoint(folder).items()}
     if output.suffix == ".safetensors":
         return save_tensors(output, state, {"format": "moekit-state-dict"})
     save_tensors(output / "model.safetensors", state, {"format": "moekit-state-dict"})
+    run = folder.parent.parent  # RUN/checkpoints/ep_step_N: the run folder holds the config and tokenizer
     for name in ("config.json", "tokenizer.json"):
-        if (folder / name).is_file():
-            atomic_write_bytes(output / name, (folder / name).read_bytes())
+        source = folder / name if (folder / name).is_file() else run / name
+        if source.is_file():
+            atomic_write_bytes(output / name, source.read_bytes())
     return output
 
 

@@ -96,7 +96,7 @@ def expect_family(path: str | os.PathLike, family: str, command: str) -> dict:
 
 
 def _a(word: str) -> str:
-    return f"an {word}" if word[0] in "aeiomx" else f"a {word}"  # an mtl, an lm, a seqrec
+    return f"an {word}" if word[0] in "aeiolmx" else f"a {word}"  # an mtl, an lm, a seqrec
 
 
 def run_config(config_class: type, header: dict, options_class: type, options: dict) -> Any:

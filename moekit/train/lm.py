@@ -1,227 +1,164 @@
-"""Training a (MoE) transformer language model: `train_lm(config) -> LMResults`.
+"""Training a (MoE) transformer language model: `fit(LMConfig(...), out=RUN) -> TrainResult`.
 
-The pieces are separate functions: `build_data` -> `build_model` -> `build_optimizer` ->
-`train_step` in a loop, with `evaluate` and checkpoints around it. Nothing here touches process
-groups: what changes with several processes (which rows of a batch are this rank's, gradient
-sync and clipping, checkpoint format, who writes files) is a `Parallelism` passed to `train_lm`;
-`moekit.distributed.lm.ExpertParallel` is the expert-parallel one.
+The pieces are separate functions: `build_data` -> `Transformer` -> `build_optimizer` -> `train_step`
+in a loop, with `evaluate` and checkpoints around it. Nothing here touches process groups: what
+changes with several processes (which rows of a batch are this rank's, gradient sync and clipping,
+checkpoint format, who writes files) is a `Parallelism` passed to `fit`;
+`moekit.train.lm_parallel.ExpertParallel` is the expert- and data-parallel one (torchrun).
+
+The run folder (see `moekit.train.run`) holds config.json, tokenizer.json, a step checkpoint every
+`checkpoint_interval` steps (exact `--resume`: the same loss curve as an uninterrupted run),
+metrics.csv, expert_load.csv, TensorBoard events, results.json and, at the end, model.safetensors.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 import math
 import time
-import types
-import typing
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from moekit.config import ConfigError, check_choice, check_int, check_number, config_dict, documented
 from moekit.data.text import TokenData, prepare_text_data
-from moekit.io import atomic_write_json, atomic_write_text
 from moekit.models.transformer import Transformer, TransformerConfig
 from moekit.train.balancing import attach_expert_bias_updates
-from moekit.train.checkpoint import find_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
-from moekit.train.reproducibility import check_finite, seed_everything
+from moekit.train.checkpoint import find_checkpoint
+from moekit.train.loop import (
+    NonFiniteError,
+    RNGState,
+    TrainSettings,
+    build_optimizer,
+    cosine_lr,
+    gradient_norm,
+    progress_bar,
+    resolve_device,
+    seed_everything,
+    set_lr,
+    set_threads,
+)
+from moekit.train.results import TrainResult
+from moekit.train.run import Run
+
+DTYPES = ("auto", "float32", "bfloat16")
 
 
+@documented
 @dataclass
 class LMDataConfig:
-    path: str = "../shared/data/text/tinyshakespeare.txt"
-    """A text file, or a folder of .txt/.raw files."""
+    """The text to train on (the `data` section of `moekit train lm`)."""
+
+    path: str | None = None
+    """A text file (or .gz) or a folder of .txt/.raw files. None: $MOEKIT_DATA/text/tinyshakespeare.txt,
+    else TinyShakespeare as shipped with moekit."""
     tokenizer: str = "byte"
-    """'byte' (256 ids, nothing to train) or 'bpe' (trained on the training split, saved with the run)."""
+    """'byte' (256 ids, nothing to train), 'bpe' (trained on the training split, saved with the run) or the
+    path of a tokenizer.json (or of a model folder holding one, e.g. an imported checkpoint)."""
     bpe_vocab_size: int = 4096
+    """Vocabulary size of a trained BPE tokenizer."""
     val_fraction: float = 0.1
     """The last fraction of the text is held out for validation."""
     cache_dir: str | None = None
-    """Where token ids are memory-mapped; default <out_dir>/data."""
+    """Where token ids are memory-mapped; default <run folder>/data."""
+
+    def __post_init__(self) -> None:
+        check_int("data.bpe_vocab_size", self.bpe_vocab_size, 257)
+        check_number("data.val_fraction", self.val_fraction, 0.0, 1.0, strict_min=True, strict_max=True)
 
 
+@documented
 @dataclass
-class LMTrainConfig:
-    model: TransformerConfig = field(default_factory=TransformerConfig)
-    data: LMDataConfig = field(default_factory=LMDataConfig)
-    out_dir: str = "runs/lm"
+class LMTrainSettings(TrainSettings):
+    """How `moekit train lm` trains (the `train` section)."""
+
     seed: int = 1337
-    device: str = "auto"
-    """'auto' = cuda if available, else cpu."""
+    """Seeds the initialisation and the order of training windows."""
+    lr: float = 2e-3
+    """Peak learning rate (after warm-up)."""
+    weight_decay: float = 0.1
+    """AdamW decay on matrices and embeddings."""
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
     dtype: str = "auto"
     """Autocast dtype: 'auto' = bfloat16 where the device runs it fast (CUDA sm80+), else float32."""
-    threads: int | None = None
-    """torch CPU threads (None: torch's default)."""
-
-    batch_size: int = 32
     grad_accum: int = 1
     """Micro-batches per optimizer step (tokens per step = batch_size * grad_accum * block_size)."""
     max_tokens: int = 5_000_000
     """Training length in tokens, rounded up to whole steps ..."""
     max_steps: int | None = None
     """... unless this is set."""
-
-    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     """The cosine decays to lr * min_lr_ratio."""
     warmup_steps: int = 100
-    weight_decay: float = 0.1
+    """Linear warm-up steps."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = off)."""
-
+    """AdamW beta2."""
     log_interval: int = 10
+    """Steps between rows of metrics.csv."""
     eval_interval: int = 200
+    """Steps between validation evaluations."""
     eval_tokens: int = 32768
     """Validation tokens per periodic evaluation (0 = the whole split)."""
     final_eval_tokens: int = 0
     """Validation tokens for the final evaluation (0 = the whole split)."""
     checkpoint_interval: int = 500
-    keep_checkpoints: int = 2
+    """Steps between checkpoints (one is always written at the last step)."""
     tensorboard: bool = True
-    progress: bool = True
+    """Write TensorBoard events to <run>/tensorboard."""
+    init: str | None = None
+    """Start from the weights of this model folder (an imported, upcycled or trained model) instead of a
+    random initialisation; its model config must match `model`."""
+
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = TrainSettings.RUNTIME_KEYS + (
+        "log_interval", "eval_tokens", "tensorboard", "checkpoint_interval")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "log_interval", "eval_interval", "checkpoint_interval",
-                     "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16 (got {self.dtype!r})")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1 (got {self.lr}, {self.min_lr_ratio})")
+        super().__post_init__()
+        check_choice("train.dtype", self.dtype, DTYPES)
+        for name in ("grad_accum", "log_interval", "eval_interval", "checkpoint_interval", "max_tokens"):
+            check_int(f"train.{name}", getattr(self, name), 1)
+        if self.max_steps is not None:
+            check_int("train.max_steps", self.max_steps, 1)
+        check_int("train.warmup_steps", self.warmup_steps, 0)
+        for name in ("eval_tokens", "final_eval_tokens"):
+            check_int(f"train.{name}", getattr(self, name), 0)
+        check_number("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        for name in ("beta1", "beta2"):
+            check_number(f"train.{name}", getattr(self, name), 0.0, 1.0, strict_max=True)
+
+
+@documented
+@dataclass
+class LMConfig:
+    """Everything one `moekit train lm` run needs."""
+
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    """The transformer (set `model.moe` for MoE FFNs)."""
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+    """The text and its tokenizer."""
+    train: LMTrainSettings = field(default_factory=LMTrainSettings)
+    """Optimisation, schedule, evaluation and checkpoint cadence."""
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.model.block_size
+        return self.train.batch_size * self.train.grad_accum * self.model.block_size
 
     @property
     def total_steps(self) -> int:
-        return self.max_steps or math.ceil(self.max_tokens / self.tokens_per_step)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class LMResults:
-    out_dir: str
-    steps: int
-    tokens: int
-    val_loss: float
-    """Final mean validation cross-entropy (nats per token)."""
-    val_bits_per_byte: float
-    train_tokens_per_s: float
-    """Training throughput of this session (forward, backward and optimizer; no eval or checkpoints)."""
-    peak_memory_mb: float
-    parameters: dict[str, int]
-    train_seconds: float
-    history: list[dict] = field(default_factory=list, repr=False)
-
-
-# --- config files ---------------------------------------------------------------------------
-
-
-def load_lm_config(path: str | None = None, overrides: Iterable[str] = ()) -> LMTrainConfig:
-    """A YAML file (sections `model`, `data`, plus training keys) with `a.b=value` overrides on top.
-
-    Unknown keys fail; an override must match its field's type (`lr=1e-3`, `model.moe=null`).
-    """
-    import yaml
-
-    data: dict = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"config file {path} does not exist") from error
-        except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. model.n_layer=6)")
-        value = yaml.safe_load(text) if text else ""
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        target = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(target.get(part), dict):
-                target[part] = {}
-            target = target[part]
-        target[leaf] = value
-    return build_dataclass(LMTrainConfig, data, "config")
-
-
-def build_dataclass(cls, data: dict, where: str):
-    """Construct dataclass `cls` from a dict, checking keys and value types recursively."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
-                         f"expected some of {', '.join(names)}")
-    data = dict(data)
-    if cls is TransformerConfig and isinstance(data.get("moe"), dict):
-        # The MoE layers take the model's width unless the file says otherwise.
-        data["moe"] = {"d_model": data.get("d_model", TransformerConfig.d_model), **data["moe"]}
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as error:
-        raise ValueError(f"{where}: {error}") from error
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, where)
-            except ValueError as error:
-                errors.append(str(error))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{where}={value!r} matches none of {hint}")
-    if is_dataclass(hint):
-        return value if isinstance(value, hint) else build_dataclass(hint, value, where)
-    if hint is bool and not isinstance(value, bool):
-        raise ValueError(f"{where} must be true or false (got {value!r})")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"{where} must be an integer (got {value!r})")
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where} must be a number (got {value!r})")
-        return float(value)
-    if hint is str and not isinstance(value, str):
-        raise ValueError(f"{where} must be a string (got {value!r})")
-    return value
+        return self.train.max_steps or math.ceil(self.train.max_tokens / self.tokens_per_step)
 
 
 # --- setup ----------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -234,33 +171,46 @@ def autocast_context(device: torch.device, dtype: str):
     return nullcontext()
 
 
-def build_data(config: LMTrainConfig) -> TokenData:
-    data_cfg = config.data
-    return prepare_text_data(data_cfg.path, _data_cache(config), data_cfg.tokenizer, data_cfg.bpe_vocab_size,
-                             data_cfg.val_fraction)
+def resolve_data(config: LMDataConfig) -> LMDataConfig:
+    """`config` with an absolute text path (from data.path, $MOEKIT_DATA or the shipped TinyShakespeare)."""
+    import os
+
+    from moekit.data.paths import resolve_data_dir
+
+    path = config.path
+    if path is None and os.environ.get("MOEKIT_DATA"):
+        path = str(Path(os.environ["MOEKIT_DATA"]).expanduser() / "text" / "tinyshakespeare.txt")
+    resolved = resolve_data_dir(path, "text")
+    tokenizer = config.tokenizer
+    if tokenizer not in ("byte", "bpe"):
+        tokenizer = str(Path(tokenizer).expanduser().resolve())
+    return dataclasses.replace(config, path=str(resolved), tokenizer=tokenizer)
 
 
-def build_model(model_config: TransformerConfig, device: torch.device) -> Transformer:
-    return Transformer(model_config).to(device)
+def build_data(config: LMConfig, out: Path | None) -> TokenData:
+    data = config.data
+    cache = Path(data.cache_dir) if data.cache_dir else (out / "data" if out is not None else None)
+    if cache is None:
+        import tempfile
+
+        cache = Path(tempfile.mkdtemp(prefix="moekit-tokens-"))
+    return prepare_text_data(data.path, cache, data.tokenizer, data.bpe_vocab_size, data.val_fraction)
 
 
-def build_optimizer(model: nn.Module, config: LMTrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (weights, embeddings, experts), none on norms and biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+def check_data(data: TokenData, config: LMConfig) -> None:
+    """Fail before training, not at the first evaluation: both splits must hold a window and the
+    tokenizer must fit the model."""
+    if data.tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(f"the {data.tokenizer.kind} tokenizer has {data.tokenizer.vocab_size} ids but "
+                          f"model.vocab_size={config.model.vocab_size}; set model.vocab_size to at least that")
+    for split, ids in (("training", data.train), ("validation", data.val)):
+        if len(ids) <= config.model.block_size:
+            raise ConfigError(f"the {split} split of {config.data.path} has {len(ids)} tokens, fewer than "
+                              f"model.block_size + 1 = {config.model.block_size + 1}: use more text, a smaller "
+                              f"block_size or another data.val_fraction")
 
 
-def lr_at(step: int, config: LMTrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay to lr * min_lr_ratio at the last step."""
-    total, warmup = config.total_steps, config.warmup_steps
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-    min_lr = config.lr * config.min_lr_ratio
-    return min_lr + 0.5 * (config.lr - min_lr) * (1 + math.cos(math.pi * progress))
+# --- steps ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -299,30 +249,33 @@ def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.T
     return Accumulated(losses, counts, dropped)
 
 
+def check_step(loss: float, grad_norm: torch.Tensor | float, step: int, last_good: str,
+               optimizer: torch.optim.Optimizer) -> None:
+    """The non-finite guard of an LM step: the loss and the gradient norm, before the update."""
+    if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+        optimizer.zero_grad(set_to_none=True)
+        what = f"loss became {loss}" if not math.isfinite(loss) else \
+            f"gradient norm became {float(grad_norm)} (loss {loss:.6g})"
+        kept = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint had been written yet"
+        raise NonFiniteError(f"{what} at step {step}; stopped before the update{kept}")
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], grad_clip: float,
-               autocast=nullcontext, step: int = 0, checkpoint_hint: str = "") -> StepResult:
-    """One optimizer step over the given micro-batches (gradient accumulation).
-
-    The loss is checked before the optimizer step, so a NaN never reaches the weights.
-    """
+               autocast=nullcontext, step: int = 0, last_good: str = "") -> StepResult:
+    """One optimizer step over the given micro-batches (gradient accumulation). The loss and the
+    gradients are checked before the update, so a NaN never reaches the weights."""
     batches = list(batches)
     acc = forward_backward(model, batches, autocast)
-    total = None
-    lm_sum = aux_sum = 0.0
-    for loss, lm_loss, aux_loss in acc.losses:
-        total = loss if total is None else total + loss
-        lm_sum += lm_loss.item()
-        aux_sum += float(aux_loss)
     n = len(batches)
-    loss_sum = float(total) / n
-    check_finite(total, step, checkpoint_hint)
-    grad_norm = 0.0
-    if grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    loss = sum(float(a[0]) for a in acc.losses) / n
+    params = [p for p in model.parameters()]
+    norm = gradient_norm(params, grad_clip)
+    check_step(loss, norm, step, last_good, optimizer)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, lm_sum / n, aux_sum / n, grad_norm, acc.expert_counts, acc.dropped_tokens)
+    return StepResult(loss, sum(a[1].item() for a in acc.losses) / n, sum(float(a[2]) for a in acc.losses) / n,
+                      float(norm) if grad_clip > 0 else 0.0, acc.expert_counts, acc.dropped_tokens)
 
 
 @torch.no_grad()
@@ -356,97 +309,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# --- logging --------------------------------------------------------------------------------
-
-METRIC_COLUMNS = ["step", "tokens", "lr", "loss", "lm_loss", "aux_loss", "grad_norm", "val_loss",
-                  "tokens_per_s", "elapsed_s"]
-
-
-class RunLogger:
-    """metrics.csv and expert_load.csv (rewritten atomically) plus TensorBoard, if installed."""
-
-    def __init__(self, out_dir: Path, resume_step: int | None, use_tensorboard: bool) -> None:
-        self.out_dir = out_dir
-        self.metrics = self._read(out_dir / "metrics.csv", resume_step)
-        self.load_rows = self._read(out_dir / "expert_load.csv", resume_step)
-        self.writer = None
-        if use_tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("moekit: tensorboard is not installed (pip install 'moekit[train]'); logging CSV only")
-            else:
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
-
-    @staticmethod
-    def _read(path: Path, resume_step: int | None) -> list[dict]:
-        if resume_step is None or not path.is_file():
-            return []
-        with open(path, newline="") as f:
-            return [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
-
-    def log(self, row: dict) -> None:
-        self.metrics.append(row)
-        if self.writer is not None:
-            for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "val_loss", "tokens_per_s"):
-                if row.get(key) not in (None, ""):
-                    self.writer.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss",
-                                           float(row[key]), row["step"])
-
-    def log_expert_load(self, step: int, counts: dict[int, torch.Tensor], dropped: dict[int, int]) -> None:
-        for layer, c in counts.items():
-            total = float(c.sum())
-            frac = (c.double() / max(total, 1)).tolist()
-            mean = 1 / len(frac)
-            row = {"step": step, "layer": layer, "max_over_mean": max(frac) / mean,
-                   "dropped_fraction": dropped.get(layer, 0) / max(total + dropped.get(layer, 0), 1)}
-            row.update({f"e{e}": f for e, f in enumerate(frac)})
-            self.load_rows.append(row)
-            if self.writer is not None:
-                self.writer.add_scalar(f"experts/layer{layer}_max_over_mean", row["max_over_mean"], step)
-                self.writer.add_scalar(f"experts/layer{layer}_dropped_fraction", row["dropped_fraction"],
-                                       step)
-
-    def flush(self) -> None:
-        self._write(self.out_dir / "metrics.csv", self.metrics, METRIC_COLUMNS)
-        if self.load_rows:
-            columns = list(self.load_rows[-1].keys())
-            self._write(self.out_dir / "expert_load.csv", self.load_rows, columns)
-        if self.writer is not None:
-            self.writer.flush()
-
-    @staticmethod
-    def _write(path: Path, rows: list[dict], columns: list[str]) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, buffer.getvalue())
-
-    def close(self) -> None:
-        self.flush()
-        if self.writer is not None:
-            self.writer.close()
+def expert_load_rows(step: int, counts: dict[int, torch.Tensor], dropped: dict[int, int]) -> list[dict]:
+    """expert_load.csv rows: per MoE layer, each expert's share of the assignments since the last row."""
+    rows = []
+    for layer, c in counts.items():
+        total = float(c.sum())
+        frac = (c.double() / max(total, 1)).tolist()
+        row = {"step": step, "layer": layer, "max_over_mean": max(frac) * len(frac),
+               "dropped_fraction": dropped.get(layer, 0) / max(total + dropped.get(layer, 0), 1)}
+        row.update({f"e{e}": f for e, f in enumerate(frac)})
+        rows.append(row)
+    return rows
 
 
-# --- the loop -------------------------------------------------------------------------------
+# --- how the loop spreads over processes ----------------------------------------------------
 
 
 class Parallelism:
-    """How `train_lm` runs across processes; this base class is one process on one device.
+    """How `fit` runs across processes; this base class is one process on one device.
 
-    `moekit.distributed.lm.ExpertParallel` overrides these methods; the loop itself (schedule,
+    `moekit.train.lm_parallel.ExpertParallel` overrides these methods; the loop itself (schedule,
     data order, evaluation, logging, resume) is the same for both, so a multi-process run sees the
     batches and takes the steps of the single-process one.
     """
 
     is_main_process = True
-    """Only the main process writes config, logs, plots and results (every process trains and evaluates);
-    read after `setup`."""
+    """Only the main process writes config, logs and results (every process trains and evaluates)."""
 
-    def setup(self, config: LMTrainConfig) -> torch.device:
+    def setup(self, config: LMConfig) -> torch.device:
         """Check the config, start whatever the processes need; returns this process's device."""
-        return resolve_device(config.device)
+        return resolve_device(config.train.device)
 
     def barrier(self) -> None:
         """Wait until every process gets here (the main one tokenizes the data before the others read it)."""
@@ -464,115 +356,100 @@ class Parallelism:
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                    batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float, autocast=nullcontext,
-                   step: int = 0, checkpoint_hint: str = "") -> StepResult:
+                   step: int = 0, last_good: str = "") -> StepResult:
         """One optimizer step; losses and the clipped gradient norm are those of the global batch."""
-        return train_step(model, optimizer, batches, grad_clip, autocast, step, checkpoint_hint)
+        return train_step(model, optimizer, batches, grad_clip, autocast, step, last_good)
 
-    def find_checkpoint(self, ckpt_root: Path) -> Path:
-        return find_checkpoint(ckpt_root)
+    def save_checkpoint(self, run: Run, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict, tensors: dict[str, torch.Tensor], keep: int) -> str:
+        """Save the model, optimizer, JSON `state` and RNG `tensors`; returns the checkpoint's path."""
+        run.checkpoint(step, model, optimizer, state, tensors, keep)
+        return str(run.last_checkpoint or "")
 
-    def save_checkpoint(self, ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        state: dict, tensors: dict[str, torch.Tensor], files: dict, keep: int) -> Path:
-        """Save the model, optimizer, JSON `state` (with "tokens"), RNG `tensors` and `files`; returns the folder."""
-        return save_checkpoint(ckpt_root, step, model, optimizer, state, tensors, files, keep)
-
-    def load_checkpoint(self, ckpt: Path, model: nn.Module,
+    def load_checkpoint(self, run: Run, model: nn.Module,
                         optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Load the weights and optimizer; returns (state with "step" and "tokens", RNG tensors)."""
-        load_model_weights(ckpt, model)
-        return load_trainer_state(ckpt, optimizer)
+        """Load the newest checkpoint; returns (state with "step" and "tokens", RNG tensors)."""
+        return run.resume_state(model, optimizer)
+
+    def save_final_model(self, run: Run, model: nn.Module) -> None:
+        """RUN/model.safetensors: the trained model as one file (what eval, generate and load read)."""
+        run.save_model(model)
 
     def results_extra(self) -> dict:
-        """Extra keys for results.json."""
         return {}
 
 
-def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
-             parallelism: Parallelism | None = None) -> LMResults:
-    """Train (or, with `resume`, continue) a language model as `config` says; returns its results.
+# --- the loop -------------------------------------------------------------------------------
+
+
+def fit(config: LMConfig, out: str | Path | None = None, *, mode: str = "new", stop_at_step: int | None = None,
+        parallelism: Parallelism | None = None, log=print) -> TrainResult:
+    """Train (or, with mode='resume', continue) a language model as `config` says, into the run
+    folder `out`; returns the final validation metrics as `test`.
 
     `stop_at_step` ends the session early (after saving a checkpoint) without changing the
-    schedule, so a later `resume=True` continues exactly. `parallelism` says how the run spreads
-    over processes (default: one process); call on every process.
+    schedule, so a later resume continues exactly. `parallelism` says how the run spreads over
+    processes (default: one process); call on every process.
     """
     par = parallelism or Parallelism()
-    out_dir = Path(config.out_dir)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    settings = config.train
+    set_threads(settings.threads)
     device = par.setup(config)
     main = par.is_main_process
-    generator = seed_everything(config.seed)  # the data order: random windows drawn from this
-    if main:  # the main process tokenizes into the cache; the others then open it
-        out_dir.mkdir(parents=True, exist_ok=True)
-        data = build_data(config)
-    par.barrier()
-    if not main:
-        data = build_data(config)
-    if data.tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"the {data.tokenizer.kind} tokenizer has {data.tokenizer.vocab_size} ids but "
-                         f"model.vocab_size={config.model.vocab_size}; set model.vocab_size to at least that")
-    model = build_model(config.model, device)
-    # Of the whole model, before parallelize may shard its experts.
-    params = model.num_parameters() if isinstance(model, Transformer) else {}
-    model = par.parallelize(model)
-    optimizer = build_optimizer(model, config)
-    par.attach_expert_bias_updates(model, optimizer)
-    autocast = lambda: autocast_context(device, config.dtype)  # noqa: E731
+    config = dataclasses.replace(config, data=resolve_data(config.data))
+    generator = seed_everything(settings.seed)  # the data order: random windows drawn from this
+    run = Run(out, "lm", mode, writer=main, tensorboard=settings.tensorboard)
+    with run:
+        if main:  # the main process tokenizes into the cache; the others then open it
+            data = build_data(config, run.path)
+        par.barrier()
+        if not main:
+            data = build_data(config, run.path)
+        check_data(data, config)
+        model = Transformer(config.model).to(device)
+        if settings.init is not None and mode != "resume":
+            load_weights_from(model, settings.init)
+        params = model.num_parameters()  # of the whole model, before parallelize may shard its experts
+        model = par.parallelize(model)
+        optimizer = build_optimizer(model, settings, kind="adamw", betas=(settings.beta1, settings.beta2),
+                                    fused=False)
+        par.attach_expert_bias_updates(model, optimizer)
+        autocast = lambda: autocast_context(device, settings.dtype)  # noqa: E731
 
-    config_json = config.to_dict()
-    tokenizer_bytes = (Path(_data_cache(config)) / "tokenizer.json").read_bytes()
-    ckpt_root = out_dir / "checkpoints"
-    step, tokens = 0, 0
-    resume_step = None
-    last_ckpt = ["(none saved yet)"]
-    if resume:
-        ckpt = par.find_checkpoint(ckpt_root)
-        _check_same_config(ckpt / "config.json", config_json)
-        state, tensors = par.load_checkpoint(ckpt, model, optimizer)
-        torch.set_rng_state(tensors["rng.torch"])
-        generator.set_state(tensors["rng.data"])
-        if device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        step, tokens = state["step"], state["tokens"]
-        resume_step = step
-        last_ckpt[0] = str(ckpt)
-    elif main:
-        atomic_write_json(out_dir / "config.json", config_json)
-        (out_dir / "tokenizer.json").write_bytes(tokenizer_bytes)
-    logger = RunLogger(out_dir, resume_step, config.tensorboard) if main else None
+        run.write_config(model, {"data": config_dict(config.data), "train": config_dict(settings)},
+                         settings.RUNTIME_KEYS)
+        tokenizer_file = (Path(config.data.cache_dir) if config.data.cache_dir else
+                          (run.path / "data" if run.path else None))
+        if tokenizer_file is not None and main:
+            run.write_artifact("tokenizer.json", (tokenizer_file / "tokenizer.json").read_bytes())
+        step, tokens, load_rows = 0, 0, []
+        rng = RNGState(generator)
+        last_good = ""
+        if mode == "resume":
+            state, tensors = par.load_checkpoint(run, model, optimizer)
+            rng.restore(tensors, state)
+            step, tokens = state["step"], state["tokens"]
+            last_good = str(run.last_checkpoint or "")
+            load_rows = [r for r in _read_table(run.path / "expert_load.csv") if int(r["step"]) <= step]
 
-    def checkpoint() -> None:
-        tensors = {"rng.torch": torch.get_rng_state(), "rng.data": generator.get_state()}
-        if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        schedule = {"lr": config.lr, "warmup_steps": config.warmup_steps, "total_steps": total_steps,
-                    "min_lr_ratio": config.min_lr_ratio}
-        state = {"tokens": tokens, "schedule": schedule,
-                 "data_position": "rng.data holds the window sampler's state after this step"}
-        last_ckpt[0] = str(par.save_checkpoint(ckpt_root, step, model, optimizer, state, tensors,
-                                               {"config.json": config_json, "tokenizer.json": tokenizer_bytes},
-                                               config.keep_checkpoints))
-
-    total_steps = config.total_steps
-    end_step = min(total_steps, stop_at_step) if stop_at_step is not None else total_steps
-    train_seconds, session_tokens = 0.0, 0
-    started = time.perf_counter()
-    load_counts: dict[int, torch.Tensor] = {}
-    load_dropped: dict[int, int] = {}
-    bar = _progress(config.progress and main, step, total_steps)
-    model.train()
-    try:
+        total_steps = config.total_steps
+        end_step = min(total_steps, stop_at_step) if stop_at_step is not None else total_steps
+        train_seconds, session_tokens = 0.0, 0
+        started = time.perf_counter()
+        load_counts: dict[int, torch.Tensor] = {}
+        load_dropped: dict[int, int] = {}
+        bar = progress_bar(settings.progress and main, total=total_steps, initial=step)
+        model.train()
         while step < end_step:
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = cosine_lr(step, settings.lr, settings.warmup_steps, total_steps, settings.min_lr_ratio)
+            set_lr(optimizer, lr)
             t0 = time.perf_counter()
             batches = [tuple(par.local_rows(t).to(device)
-                             for t in data.get_batch("train", config.batch_size, config.model.block_size,
+                             for t in data.get_batch("train", settings.batch_size, config.model.block_size,
                                                      generator))
-                       for _ in range(config.grad_accum)]
-            result = par.train_step(model, optimizer, batches, config.grad_clip, autocast, step + 1,
-                                    last_ckpt[0])
+                       for _ in range(settings.grad_accum)]
+            result = par.train_step(model, optimizer, batches, settings.grad_clip, autocast, step + 1,
+                                    last_good or run.last_good())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - t0
@@ -587,86 +464,121 @@ def train_lm(config: LMTrainConfig, *, resume: bool = False, stop_at_step: int |
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{rate:,.0f}")
 
             val_loss = None
-            if step % config.eval_interval == 0 or step == total_steps:
+            if step % settings.eval_interval == 0 or step == total_steps:
                 # Every process evaluates the same windows (expert parallelism needs all of them in a forward).
-                val_loss, _ = evaluate(model, data, config.model.block_size, config.batch_size,
-                                       config.eval_tokens, autocast)
+                val_loss, _ = evaluate(model, data, config.model.block_size, settings.batch_size,
+                                       settings.eval_tokens, autocast)
                 if main:
                     bar.write(f"step {step}: train loss {result.lm_loss:.4f}, val loss {val_loss:.4f}")
-            if main and (step % config.log_interval == 0 or val_loss is not None or step == end_step):
-                logger.log({"step": step, "tokens": tokens, "lr": lr, "loss": result.loss,
-                            "lm_loss": result.lm_loss, "aux_loss": result.aux_loss,
-                            "grad_norm": result.grad_norm, "val_loss": "" if val_loss is None else val_loss,
-                            "tokens_per_s": rate, "elapsed_s": time.perf_counter() - started})
+            if step % settings.log_interval == 0 or val_loss is not None or step == end_step:
+                run.log({"step": step, "tokens": tokens, "lr": lr, "loss": result.loss, "lm_loss": result.lm_loss,
+                         "aux_loss": result.aux_loss, "grad_norm": result.grad_norm,
+                         "val_loss": "" if val_loss is None else val_loss, "tokens_per_s": rate,
+                         "elapsed_s": time.perf_counter() - started})
                 if load_counts:
-                    logger.log_expert_load(step, load_counts, load_dropped)
+                    load_rows += expert_load_rows(step, load_counts, load_dropped)
+                    run.write_table("expert_load.csv", load_rows)
                     load_counts, load_dropped = {}, {}
-                logger.flush()
-            if step % config.checkpoint_interval == 0 or step == end_step:
-                checkpoint()
-    finally:
+            if step % settings.checkpoint_interval == 0 or step == end_step:
+                state = {"tokens": tokens, "schedule": {"lr": settings.lr, "warmup_steps": settings.warmup_steps,
+                                                        "total_steps": total_steps,
+                                                        "min_lr_ratio": settings.min_lr_ratio},
+                         "data_position": "rng.data holds the window sampler's state after this step"}
+                last_good = par.save_checkpoint(run, step, model, optimizer, state, rng.tensors(),
+                                                settings.keep_checkpoints)
         bar.close()
-        if logger is not None:
-            logger.close()
 
-    final_loss, scored = evaluate(model, data, config.model.block_size, config.batch_size,
-                                  config.final_eval_tokens, autocast)
-    results = LMResults(
-        out_dir=str(out_dir), steps=step, tokens=tokens, val_loss=final_loss,
-        val_bits_per_byte=bits_per_byte(final_loss, scored, data),
-        train_tokens_per_s=session_tokens / max(train_seconds, 1e-9),
-        peak_memory_mb=peak_memory_mb(device), parameters=params, train_seconds=train_seconds,
-        history=logger.metrics if logger is not None else [],
-    )
-    if main:
-        summary = {k: v for k, v in asdict(results).items() if k != "history"}
-        atomic_write_json(out_dir / "results.json", dict(summary, **par.results_extra()))
-        _save_plots(out_dir, logger)
+        final_loss, scored = evaluate(model, data, config.model.block_size, settings.batch_size,
+                                      settings.final_eval_tokens, autocast)
+        if step == total_steps:
+            par.save_final_model(run, model)
+        test = {"val_loss": final_loss, "val_bits_per_byte": bits_per_byte(final_loss, scored, data),
+                "val_perplexity": math.exp(min(final_loss, 700.0))}
+        extra = {"tokens": tokens, "train_tokens_per_s": session_tokens / max(train_seconds, 1e-9),
+                 "peak_memory_mb": peak_memory_mb(device), "parameters": params, "load_rows": load_rows,
+                 "val_tokens_scored": scored, **par.results_extra()}
+        result = TrainResult("lm", model, test, {}, run.metrics, None, step, train_seconds, run.path, extra)
+        run.write_results({k: v for k, v in result.to_json().items() if k not in ("history", "load_rows")})
     par.barrier()
-    return results
+    return result
 
 
-def _data_cache(config: LMTrainConfig) -> str:
-    return config.data.cache_dir or str(Path(config.out_dir) / "data")
+def _read_table(path: Path | None) -> list[dict]:
+    from moekit.train.run import read_metrics
+
+    return read_metrics(path) if path is not None else []
 
 
-def _check_same_config(path: Path, config_json: dict) -> None:
-    """Resuming under a different model or data config would silently train something else."""
-    from moekit.train.checkpoint import read_json
+def load_weights_from(model: Transformer, folder: str) -> None:
+    """`train.init`: the weights of a model folder (or a run's newest checkpoint), checked to fit."""
+    from moekit.io import load_tensors
+    from moekit.models.pretrained import load_weights, read_model_header
 
-    saved = read_json(path)
-    differing = [f"{section}.{k}" for section in ("model", "data")
-                 for k in set(saved.get(section, {})) | set(config_json[section])
-                 if saved.get(section, {}).get(k) != config_json[section].get(k)]
-    if differing:
-        raise ValueError(f"cannot resume from {path.parent}: "
-                         f"its config differs in {', '.join(sorted(differing))}")
-
-
-def _progress(enabled: bool, initial: int, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    header = read_model_header(folder)
+    if header["family"] != "lm":
+        raise ConfigError(f"train.init={folder} holds {header['family']} model, not a language model")
+    weights = _weights_file(Path(folder))
+    load_weights(model, load_tensors(weights), weights)
 
 
-def _save_plots(out_dir: Path, logger: RunLogger) -> None:
-    from moekit.train.lm_plots import plot_expert_load, plot_loss_curves
-
-    plot_loss_curves({out_dir.name: logger.metrics}, out_dir / "loss_curve.png")
-    if logger.load_rows:
-        plot_expert_load(logger.load_rows, out_dir / "expert_load.png")
+def _weights_file(folder: Path) -> Path:
+    if (folder / "model.safetensors").is_file():
+        return folder / "model.safetensors"
+    return find_checkpoint(folder) / "model.safetensors"
 
 
-# --- loading a trained model ----------------------------------------------------------------
+# --- a finished run -------------------------------------------------------------------------
 
 
-def load_trained_lm(ckpt: str, device: str = "auto") -> tuple[Transformer, LMTrainConfig, Any, Path]:
-    """(model in eval mode, training config, tokenizer, checkpoint folder) from a run or step folder."""
+CONFIG = LMConfig
+
+
+def config_from_run(header: dict) -> LMConfig:
+    from moekit.config import build_dataclass
+
+    return build_dataclass(LMConfig, {"model": header["model"], "data": header.get("data", {}),
+                                      "train": header.get("train", {})}, "config.json")
+
+
+def load_run(path: Path, device: str = "cpu"):
+    """`moekit.load` for a language model: the model (from a run, a step checkpoint, an imported or
+    upcycled model folder) and its tokenizer (`loaded.tokenizer`)."""
+    from moekit.config import build_dataclass
     from moekit.data.text import load_tokenizer
-    from moekit.train.checkpoint import read_json
+    from moekit.io import load_tensors
+    from moekit.models.pretrained import load_weights, read_model_header
+    from moekit.train.families import LoadedRun
 
-    ckpt_dir = find_checkpoint(ckpt)
-    config = build_dataclass(LMTrainConfig, read_json(ckpt_dir / "config.json"), f"{ckpt_dir}/config.json")
-    model = build_model(config.model, resolve_device(device))
-    load_model_weights(ckpt_dir, model)
-    return model.eval(), config, load_tokenizer(ckpt_dir), ckpt_dir
+    path = Path(path)
+    folder = path
+    if not (path / "config.json").is_file() and (path / "trainer_state.json").is_file():
+        folder = path.parent.parent  # a step folder: RUN/checkpoints/step_N
+    header = read_model_header(folder)
+    config = config_from_run(header) if "train" in header else None
+    model_config = config.model if config is not None else \
+        build_dataclass(TransformerConfig, header["model"], f"{folder / 'config.json'}: model")
+    weights = path / "model.safetensors" if (path / "model.safetensors").is_file() else _weights_file(path)
+    tensors = load_tensors(weights)
+    model = Transformer(model_config)
+    stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    model = model.to(device=resolve_device(device), dtype=stored)
+    load_weights(model, tensors, weights)
+    tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+    return LoadedRun("lm", model.eval(), folder, config, {"tokenizer": tokenizer, "weights": weights})
+
+
+def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = None) -> dict[str, float]:
+    """The final validation metrics of a finished LM run, computed again from its folder."""
+    loaded = load_run(Path(path), device)
+    if loaded.config is None:
+        raise ValueError(f"{path} is a model folder without a training config: pass --text to evaluate it")
+    config = loaded.config
+    if data_dir is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(data_dir)))
+    data = build_data(config, loaded.path)
+    device_ = next(loaded.model.parameters()).device
+    autocast = lambda: autocast_context(device_, config.train.dtype)  # noqa: E731
+    loss, scored = evaluate(loaded.model, data, config.model.block_size, config.train.batch_size,
+                            config.train.final_eval_tokens, autocast)
+    return {"val_loss": loss, "val_bits_per_byte": bits_per_byte(loss, scored, data),
+            "val_perplexity": math.exp(min(loss, 700.0))}
