@@ -56,8 +56,7 @@ def annotated_heatmap(ax, matrix: np.ndarray, row_labels: Sequence[str], col_lab
     high = vmax if vmax is not None else (float(present.max()) if present.size else 1.0)
     if high <= low:
         high = low + 1e-6
-    colormap = plt.get_cmap(cmap).copy()
-    colormap.set_bad("#dddddd")
+    colormap = plt.get_cmap(cmap).with_extremes(bad="#dddddd")
     norm = mcolors.Normalize(low, high)
     image = ax.imshow(np.ma.masked_array(matrix, missing), cmap=colormap, norm=norm, aspect="auto")
     for i in range(matrix.shape[0]):

@@ -7,7 +7,8 @@ import json
 import math
 
 from moekit.cli import main
-from moekit.demo import CENSUS_ASSET, TEXT_ASSET, asset_path
+from moekit.data.paths import asset_path
+from moekit.demo import CENSUS_ASSET, TEXT_ASSET
 
 
 def test_shipped_data_files_are_in_the_installed_package():
@@ -19,8 +20,8 @@ def test_shipped_data_files_are_in_the_installed_package():
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--quick", "--no-progress", "--out-dir", str(tmp_path), "--threads", "1"]) == 0
-    (run_dir,) = tmp_path.glob("demo-*")
+    run_dir = tmp_path / "demo"
+    assert main(["demo", "--quick", "--no-progress", "--out", str(run_dir), "--threads", "1"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     for kind in ("dense", "moe"):
         r = summary["language_models"]["results"][kind]
@@ -35,4 +36,5 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     report = (run_dir / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 3  # loss curves, expert load, MMoE gates
     out = capsys.readouterr().out
-    assert f"report: {run_dir / 'report.html'}" in out
+    assert f"report: {run_dir / 'report.html'}" in out and "too few to separate the models" in out
+    assert main(["demo", "--quick", "--out", str(run_dir)]) == 2  # never into a folder that holds a demo

@@ -64,7 +64,7 @@ DROPPED = ("income", "marital_stat", "education", "instance_weight")
 GROUP_DROPPED = {1: ("income", "marital_stat", "instance_weight"), 2: DROPPED}
 
 PROTOCOL_OFFICIAL = "official: train = census-income.data, test file split 1:1 into validation/test"
-PROTOCOL_TEST_ONLY = ("test-file-only fallback: census-income.data missing, the 99,762 test rows shuffled "
+PROTOCOL_TEST_ONLY = ("test-file-only fallback: census-income.data missing, the {rows:,} test rows shuffled "
                       "and split 50/25/25 into train/validation/test (not comparable to published numbers)")
 
 
@@ -146,7 +146,7 @@ def load_census_income(
         train_rows = [test_rows[i] for i in order[:n_train]]
         valid_rows = [test_rows[i] for i in order[n_train:n_train + n_valid]]
         test_rows_split = [test_rows[i] for i in order[n_train + n_valid:]]
-        protocol = PROTOCOL_TEST_ONLY
+        protocol = PROTOCOL_TEST_ONLY.format(rows=len(test_rows))
 
     dropped = set(GROUP_DROPPED[group])
     categorical = [c for c in COLUMNS if c not in dropped and c not in NUMERIC]

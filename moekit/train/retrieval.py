@@ -365,6 +365,7 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
             run.checkpoint(epoch + 1, model, opt, {"optimizer_steps": step, **rng.json()}, rng.tensors(),
                            settings.keep_checkpoints)
         bar.close()
+        model.eval()  # no dropout in the exported embeddings
         run.save_model(model)
         run.write_artifact("item_embeddings.safetensors", _tensor_bytes(model.all_item_embeddings()))
         metrics = evaluate_scores(two_tower_scores(model, data), data, tuple(settings.ks))

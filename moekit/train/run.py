@@ -274,10 +274,21 @@ def config_differences(saved: dict, new: dict, runtime_keys: tuple[str, ...] = (
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's CSV, numbers as numbers (a resumed run's history reads like a fresh one's)."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str):
+    if text in ("", None):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(text) if value.is_integer() and text.lstrip("-").isdigit() else value
 
 
 def _row_step(row: dict) -> int:

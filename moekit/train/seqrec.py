@@ -299,7 +299,7 @@ def evaluate(model: SASRec, histories: list[list[int]], targets: np.ndarray, *, 
              negatives: np.ndarray | None = None, batch_size: int = 1024, ks=KS) -> tuple[dict, torch.Tensor]:
     """Metrics and per-user 0-based target ranks. Full protocol: all items, history masked."""
     model.eval()
-    max_len, device = model.config.max_len, model.item_emb.weight.device
+    max_len, device = model.config.max_len, next((p.device for p in model.parameters()), torch.device("cpu"))
     ranks = []
     for lo in range(0, len(histories), batch_size):
         hist = histories[lo:lo + batch_size]

@@ -26,24 +26,26 @@ def test_train_then_retrieve_prints_titles_without_seen_movies(tmp_path, capsys)
     data = tmp_path / "ml-100k"
     _write_ml100k(data)
     ckpt = tmp_path / "tt"
-    assert main(["train", "two-tower", "--data-dir", str(data), "--out", str(ckpt), "--epochs", "1",
-                 "--batch-size", "16", "--dim", "8", "--history-len", "4", "--tower", "moe"]) == 1  # K=100
-    assert "k=100 but a row has only" in capsys.readouterr().err
-    assert main(["train", "two-tower", "--data-dir", str(data), "--out", str(ckpt), "--epochs", "1",
-                 "--batch-size", "16", "--dim", "8", "--history-len", "4", "--ks", "1", "5"]) == 0
+    args = ["train", "two-tower", "--data-dir", str(data), "--out", str(ckpt), "--epochs", "1", "--batch-size", "16",
+            "--dim", "8", "--history-len", "4", "--no-progress"]
+    assert main([*args, "--tower", "moe"]) == 2  # the default cut-offs go up to K=100: refused before training
+    assert "k=100 but a user has only" in capsys.readouterr().err and not ckpt.exists()
+    assert main([*args, "--ks", "1,5"]) == 0
     assert "Hit@5" in capsys.readouterr().out
     assert main(["retrieve", "--ckpt", str(ckpt), "--user", "3", "-k", "5"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("user 3:") and len(out) == 6
+    assert out[0].startswith("user 3:") and out[1].split() == ["rank", "score", "title"] and len(out) == 7
     lines = (line.split("\t") for line in (data / "u.data").read_text().splitlines())
     rows = sorted((int(t), i) for u, i, _, t in lines if u == "3")
     rated = {i for _, i in rows[:-1]}  # the latest rating is the held-out test item, not history
     titles = {line.split("|")[1]: line.split("|")[0] for line in (data / "u.item").read_text().splitlines()}
-    for line in out[1:]:
+    for line in out[2:]:
         title = line.split(maxsplit=2)[2]
         assert title in titles and titles[title] not in rated
-    assert main(["retrieve", "--ckpt", str(ckpt), "--user", "999", "-k", "5"]) == 1
+    assert main(["retrieve", "--ckpt", str(ckpt), "--user", "999", "-k", "5"]) == 2
     assert "unknown user id 999" in capsys.readouterr().err
+    assert main(["eval", "two-tower", "--ckpt", str(ckpt)]) == 0
+    assert capsys.readouterr().out.count("= reported") == 4
 
 
 def test_train_dqn_prints_the_comparison_and_writes_the_curve(tmp_path, capsys):

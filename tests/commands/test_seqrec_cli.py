@@ -19,40 +19,46 @@ def _tiny_movielens(folder, users=12, items=9):
                                            for i in range(1, items + 1)))
 
 
-def test_train_then_recommend(tmp_path, capsys):
+def test_train_then_recommend_and_eval(tmp_path, capsys):
     data = tmp_path / "ml-100k"
     _tiny_movielens(data)
     out = tmp_path / "run"
     code = main(["train", "seqrec", "--dataset", "ml-100k", "--data-dir", str(data), "--model", "fame",
-                 "--max-len", "8", "--hidden", "8", "--layers", "1", "--epochs", "2", "--core", "0",
+                 "--max-len", "8", "--hidden", "8", "--num-layers", "1", "--epochs", "2", "--core", "0",
                  "--seed", "1", "--out", str(out)])
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["data"]["users"] == 12 and metrics["epochs_run"] == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["users"] == 12 and len(results["history"]) == 2
     assert "NDCG@10" in capsys.readouterr().out
     assert main(["recommend", "--ckpt", str(out), "--user", "3", "-k", "3"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("(1999)") >= 3 + 5 and "[Drama]" in printed  # 5 history lines + 3 picks
-    assert main(["recommend", "--ckpt", str(out), "--user", "99"]) == 1
+    assert printed.count("(1999)") == 3 + 5 and "[Drama]" in printed  # 5 history lines + 3 picks
+    assert "latest 5" in printed and "score" in printed.splitlines()[7]  # the header it promises
+    assert main(["recommend", "--ckpt", str(out), "--user", "99"]) == 2
     assert "user 99 is not in ml-100k" in capsys.readouterr().err
+    assert main(["eval", "seqrec", "--ckpt", str(out)]) == 0
+    assert capsys.readouterr().out.count("= reported") == 9  # HR, NDCG, MRR at 5, 10, 20
+    # Several seeds: a run folder each, and mean ± std.
+    assert main(["train", "seqrec", "--dataset", "ml-100k", "--data-dir", str(data), "--max-len", "8",
+                 "--hidden", "8", "--num-layers", "1", "--epochs", "1", "--core", "0", "--seeds", "0", "1",
+                 "--out", str(tmp_path / "seeds"), "--no-progress"]) == 0
+    assert "± " in capsys.readouterr().out
+    summary = json.loads((tmp_path / "seeds/summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and len(summary["test"]["HR@10"]["values"]) == 2
+    assert (tmp_path / "seeds/seed-1/model.safetensors").is_file()
 
 
 def test_cli_defaults_are_the_training_config_defaults():
-    """`moekit train seqrec` with no options trains what SeqRecTrainConfig() describes (the CLI keeps
-    its own numbers so that `--help` shows them without importing torch)."""
-    import dataclasses
-
+    """`moekit train seqrec` with no options trains what SeqRecConfig() describes: every flag is
+    generated from a config field and sets nothing unless given."""
     from moekit.cli import build_parser
-    from moekit.train.seqrec import SeqRecTrainConfig
+    from moekit.commands.shared import config_from_args
+    from moekit.train.seqrec import SeqRecConfig
 
     args = build_parser().parse_args(["train", "seqrec"])
-    cli_to_config = {"layers": "num_layers", "heads": "num_heads", "experts": "num_experts", "out": "out_dir"}
-    config = {f.name: f.default for f in dataclasses.fields(SeqRecTrainConfig)}
-    checked = 0
-    for dest, value in vars(args).items():
-        name = cli_to_config.get(dest, dest)
-        if name in config and name not in ("out_dir", "seed"):
-            assert value == config[name], f"--{dest.replace('_', '-')} defaults to {value!r}, config {config[name]!r}"
-            checked += 1
-    assert config["dropout"] == config["attn_dropout"] == args.dropout  # one --dropout sets both
-    assert checked >= 15
+    assert config_from_args(args, SeqRecConfig) == SeqRecConfig()
+    args = build_parser().parse_args(["train", "seqrec", "--lr", "1e-3", "--model", "fame", "--dropout", "0.1",
+                                      "train.epochs=3"])
+    config = config_from_args(args, SeqRecConfig)
+    assert (config.train.lr, config.model.architecture, config.model.dropout, config.train.epochs) == \
+        (1e-3, "fame", 0.1, 3)

@@ -41,9 +41,9 @@ def test_slice_label_rates_and_fallback_split(shared_data, group):
     income = sum(f[-1] == "50000+." for f in fields)
     college = sum(f[4] in COLLEGE for f in fields)
     never = sum(f[7] == "Never married" for f in fields)
-    with pytest.warns(UserWarning, match="census-income.data not found"):
+    with pytest.warns(UserWarning, match="no census-income.data beside census-income.test.gz"):
         data = load_census_income(shared_data / "census-income", group=group, max_rows=ROWS)
-    assert data.protocol == census.PROTOCOL_TEST_ONLY
+    assert data.protocol == census.PROTOCOL_TEST_ONLY.format(rows=ROWS)
     assert (len(data.train), len(data.valid), len(data.test)) == (1500, 750, 750)
     labels = torch.cat([data.train.labels_NT, data.valid.labels_NT, data.test.labels_NT])
     first = income if group == 1 else college

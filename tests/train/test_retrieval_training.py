@@ -8,15 +8,20 @@ import torch
 
 from moekit.data.movielens import synthetic_movielens
 from moekit.train.metrics import recall_hit_at_k, top_k_excluding
+from moekit.config import ConfigError
+from moekit.models.two_tower import TwoTower
 from moekit.train.retrieval import (
     ItemIndex,
-    RetrievalTrainConfig,
+    TwoTowerOptions,
+    TwoTowerRunConfig,
+    TwoTowerTrainSettings,
+    evaluate_run,
     evaluate_scores,
-    load_two_tower,
+    fit,
+    load_run,
     popularity_scores,
     prepare_retrieval_data,
     recent_history,
-    train_two_tower,
     two_tower_scores,
 )
 
@@ -119,21 +124,34 @@ def test_prepared_windows_targets_and_history_exclusion():
 
 
 @pytest.mark.parametrize("tower", ["mlp", "moe"])
-def test_training_runs_is_seeded_and_checkpoint_round_trips(tmp_path, tower):
+def test_training_runs_is_seeded_and_run_folder_round_trips(tmp_path, tower):
     ml = synthetic_movielens(num_users=20, num_items=30, ratings_per_user=8, seed=0)
-    model_kw = {"tower": tower, "dim": 8, "hidden": 16, "ffn_hidden": 16, "history_len": 4,
-                "num_year_buckets": 20}
-    cfg = RetrievalTrainConfig(epochs=2, batch_size=16, progress=False, model=model_kw, extra_negatives=5,
-                               ks=(1, 5),
-                               out_dir=str(tmp_path / "ckpt"))
-    model, report = train_two_tower(cfg, ml)
-    _, again = train_two_tower(RetrievalTrainConfig(**{**cfg.__dict__, "out_dir": None}), ml)
-    assert report["metrics"] == again["metrics"]  # same seed, same numbers
-    assert report["history"][0]["loss"] > 0
-    loaded, saved, items = load_two_tower(tmp_path / "ckpt")
-    assert saved["model"]["tower"] == tower
-    torch.testing.assert_close(items, model.all_item_embeddings())
+    cfg = TwoTowerRunConfig(
+        model=TwoTowerOptions(tower=tower, dim=8, hidden=16, ffn_hidden=16, history_len=4),
+        train=TwoTowerTrainSettings(epochs=2, batch_size=16, progress=False, extra_negatives=5, ks=(1, 5)))
+    result = fit(cfg, tmp_path / "run", ml=ml)
+    again = fit(cfg, ml=ml)
+    assert result.test == again.test  # same seed, same numbers
+    assert result.history[0]["loss"] > 0
+    loaded = load_run(tmp_path / "run")
+    assert loaded.config.model.tower == tower and isinstance(loaded.model, TwoTower)
+    torch.testing.assert_close(loaded.item_embeddings, result.model.all_item_embeddings())
     data = prepare_retrieval_data(ml, "test", 4, 20)
-    torch.testing.assert_close(two_tower_scores(loaded, data), two_tower_scores(model, data))
-    with pytest.raises(FileNotFoundError, match="moekit train two-tower"):
-        load_two_tower(tmp_path)
+    torch.testing.assert_close(two_tower_scores(loaded.model, data), two_tower_scores(result.model, data))
+    with pytest.raises(FileNotFoundError, match="is not a moekit model or run folder"):
+        load_run(tmp_path)
+    with pytest.raises(ConfigError, match="train.ks: k=50 but a user has only"):
+        fit(TwoTowerRunConfig(model=cfg.model, train=TwoTowerTrainSettings(epochs=1, ks=(50,), progress=False)),
+            ml=ml)
+
+
+def test_eval_reproduces_the_reported_metrics(tmp_path):
+    """A run folder trained on files: `evaluate_run` reloads the files and gets the same numbers."""
+    from tests.commands.test_retrieval_commands import _write_ml100k
+
+    _write_ml100k(tmp_path / "ml-100k")
+    cfg = TwoTowerRunConfig(model=TwoTowerOptions(dim=8, hidden=16, ffn_hidden=16, history_len=4),
+                            train=TwoTowerTrainSettings(epochs=1, batch_size=16, progress=False, ks=(1, 5)))
+    cfg.data.data_dir = str(tmp_path / "ml-100k")
+    result = fit(cfg, tmp_path / "run")
+    assert evaluate_run(tmp_path / "run") == result.test

@@ -12,19 +12,36 @@ import torch
 from moekit.data.sequences import SequenceDataset
 from moekit.models.sequential import SASRec, SASRecConfig, build_model
 from moekit.train.metrics import mask_history, ranking_metrics, sampled_target_ranks, target_ranks
+from moekit.config import ConfigError, build_dataclass
 from moekit.train.seqrec import (
-    SeqRecTrainConfig,
+    SeqRecConfig,
+    SeqRecModelOptions,
+    SeqRecTrainSettings,
     evaluate,
+    evaluate_run,
+    fit,
     head_gate_by_category,
     length_bucketed_batches,
-    load_checkpoint,
+    load_run,
     recommend,
     sample_negatives,
     sample_unseen_negatives,
-    train,
     train_loss,
     training_windows,
 )
+
+
+def seqrec_config(**flat) -> SeqRecConfig:
+    """A SeqRecConfig from flat keys (each goes to the section that has it)."""
+    sections = {"model": {}, "data": {}, "train": {}}
+    model_keys = {f for f in SeqRecModelOptions.__dataclass_fields__}
+    for key, value in flat.items():
+        sections["model" if key in model_keys else "train"][key] = value
+    return build_dataclass(SeqRecConfig, sections)
+
+
+def quiet(message: str) -> None:
+    pass
 
 
 def test_ranking_metrics_on_a_tiny_ranking_by_hand():
@@ -102,10 +119,9 @@ def test_every_training_target_weighs_the_same_however_batches_are_cut():
     model = SASRec(config).eval()
     torch.nn.init.normal_(model.item_emb.weight, std=1.0)  # targets with clearly different losses
     per_batch = sum(sizes) / len(batches)
-    g = torch.Generator().manual_seed(1)
     nll = []
     with torch.no_grad():
-        losses = [float(train_loss(model, inputs[idx], targets[idx], "ce", 9, g, per_batch)) for idx in batches]
+        losses = [float(train_loss(model, inputs[idx], targets[idx], "ce", None, per_batch)) for idx in batches]
         for seq in sequences:
             for t in range(1, len(seq)):  # predict seq[t] from seq[:t]
                 h = model(torch.tensor([seq[:t]]))[0, -1]
@@ -160,15 +176,14 @@ def _cyclic_data(num_users=32, num_items=12, length=8, seed=0):
 
 def test_lr_decays_after_epochs_without_a_better_validation_ndcg():
     data = _cyclic_data()
-    cfg = SeqRecTrainConfig(max_len=8, hidden=16, num_layers=1, dropout=0.0, attn_dropout=0.0, epochs=14,
-                            patience=14, batch_size=32, lr=2e-2, lr_decay=0.5, lr_patience=1, seed=3,
-                            progress=False)
-    history = train(cfg, data)["history"]
+    cfg = seqrec_config(max_len=8, hidden=16, num_layers=1, dropout=0.0, attn_dropout=0.0, epochs=14,
+                        patience=14, batch_size=32, lr=2e-2, lr_decay=0.5, lr_patience=1, seed=3, progress=False)
+    history = fit(cfg, data=data, log=quiet).history
     best, stale, lr = -1.0, 0, 2e-2
     for h in history:  # ReduceLROnPlateau by hand: halve after more than lr_patience stale epochs
         assert h["lr"] == pytest.approx(lr)
-        if h["valid"]["NDCG@10"] > best * (1 + 1e-4):
-            best, stale = h["valid"]["NDCG@10"], 0
+        if h["valid NDCG@10"] > best * (1 + 1e-4):
+            best, stale = h["valid NDCG@10"], 0
         else:
             stale += 1
         if stale > 1:
@@ -180,29 +195,30 @@ def test_lr_decays_after_epochs_without_a_better_validation_ndcg():
 def test_tiny_training_learns_the_next_item_and_repeats(model, loss, tmp_path):
     data = _cyclic_data()
     # The cycle is never in the history (length 8 < 12 items), so it is a fair ranking check.
-    cfg = SeqRecTrainConfig(model=model, loss=loss, max_len=8, hidden=16, num_layers=1, num_experts=2,
-                            dropout=0.0, attn_dropout=0.0, epochs=12, patience=12, batch_size=32, lr=2e-2,
-                            seed=3, progress=False, out_dir=str(tmp_path / "run"))
-    result = train(cfg, data)
-    assert result["test"]["HR@5"] == 1.0
-    assert result["test"]["MRR@5"] > 0.9
+    cfg = seqrec_config(architecture=model, loss=loss, max_len=8, hidden=16, num_layers=1, num_experts=2,
+                        dropout=0.0, attn_dropout=0.0, epochs=12, patience=12, batch_size=32, lr=2e-2,
+                        seed=3, progress=False)
+    result = fit(cfg, tmp_path / "run", data=data, log=quiet)
+    assert result.test["HR@5"] == 1.0
+    assert result.test["MRR@5"] > 0.9
     if (model, loss) == ("fame", "ce"):
-        again = train(SeqRecTrainConfig(**{**cfg.__dict__, "out_dir": None}), data)
-        assert again["test"] == result["test"]  # same seed, same numbers
-    # Checkpoint round trip and recommendations.
-    model_, meta = load_checkpoint(tmp_path / "run")
-    assert meta["model"] == model
+        again = fit(cfg, data=data, log=quiet)
+        assert again.test == result.test  # same seed, same numbers
+    # The run folder round trip and recommendations.
+    loaded = load_run(tmp_path / "run")
+    assert loaded.config.model.architecture == model and type(loaded.model).__name__ == model.upper().replace(
+        "SASREC", "SASRec")
     history = data.sequences[0]
-    top = recommend(model_, history, k=3)
+    top = recommend(loaded.model, history, k=3)
     assert top[0][0] == history[-1] % 12 + 1 and not {i for i, _ in top} & set(history)
     if model == "fame":
-        names, table, n = head_gate_by_category(model_, result["split"], data)
+        names, table, n = head_gate_by_category(loaded.model, result.extra["split"], data)
         assert sorted(names) == ["even", "odd"] and n.sum() == 32
         np.testing.assert_allclose(table.sum(1), 1.0, rtol=1e-5)
 
 
 def test_model_factory_builds_the_trained_model():
-    """train() trains and tests the factory's model: a SASRec whose ranking scores are negated (its
+    """fit() trains and tests the factory's model: a SASRec whose ranking scores are negated (its
     training loss is the plain one) ranks the cycle's next item at the bottom of the 5 candidates left
     after masking the 7 history items, where the plain model ranks it first."""
 
@@ -217,29 +233,33 @@ def test_model_factory_builds_the_trained_model():
         return build_model(kind, config)
 
     data = _cyclic_data()
-    cfg = SeqRecTrainConfig(max_len=8, hidden=16, num_layers=1, dropout=0.0, attn_dropout=0.0, epochs=8,
-                            patience=8, batch_size=32, lr=2e-2, seed=3, progress=False)
-    assert train(cfg, data, factory)["test"]["MRR@5"] > 0.9
+    cfg = seqrec_config(max_len=8, hidden=16, num_layers=1, dropout=0.0, attn_dropout=0.0, epochs=8,
+                        patience=8, batch_size=32, lr=2e-2, seed=3, progress=False)
+    assert fit(cfg, data=data, model_factory=factory, log=quiet).test["MRR@5"] > 0.9
     assert built == [("sasrec", 16)]
-    assert train(cfg, data, lambda kind, config: Negated(config))["test"]["MRR@5"] < 0.25
+    assert fit(cfg, data=data, model_factory=lambda kind, config: Negated(config), log=quiet).test["MRR@5"] < 0.25
 
 
-def test_train_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="loss must be one of ce, bce"):
-        SeqRecTrainConfig(loss="bpr")
-    with pytest.raises(ValueError, match="lr_decay must be in"):
-        SeqRecTrainConfig(lr_decay=1.5)
-    with pytest.raises(ValueError, match="head_mixing='probability' needs loss='ce'"):
-        SeqRecTrainConfig(model="fame", loss="bce", head_mixing="probability")
-    assert SeqRecTrainConfig(model="fame", head_mixing="probability").model_config(5).head_mixing == "probability"
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="train.loss must be one of ce, bce"):
+        SeqRecTrainSettings(loss="bpr")
+    with pytest.raises(ValueError, match="train.lr_decay must be < 1"):
+        SeqRecTrainSettings(lr_decay=1.5)
+    with pytest.raises(ConfigError, match="head_mixing='probability' needs train.loss='ce'"):
+        seqrec_config(architecture="fame", loss="bce", head_mixing="probability")
+    assert SeqRecModelOptions(architecture="fame", head_mixing="probability").model_config(5).head_mixing == \
+        "probability"
     # Heads: each model's own default unless given; the model gets what the config says.
-    assert SeqRecTrainConfig(model="sasrec").model_config(5).num_heads == 4
-    assert SeqRecTrainConfig(model="fame").model_config(5).num_heads == 2
-    assert SeqRecTrainConfig(model="fame", num_heads=4, positions="start").model_config(5).positions == "start"
-    with pytest.raises(ValueError, match="positions must be one of end, start"):
-        SeqRecTrainConfig(positions="middle")
+    assert SeqRecModelOptions(architecture="sasrec").model_config(5).num_heads == 4
+    assert SeqRecModelOptions(architecture="fame").model_config(5).num_heads == 2
+    assert SeqRecModelOptions(architecture="fame", num_heads=4, positions="start").model_config(5).positions == \
+        "start"
+    with pytest.raises(ValueError, match="model.positions must be one of end, start"):
+        SeqRecModelOptions(positions="middle")
+    with pytest.raises(ValueError, match="model.max_len must be >= 1"):
+        SeqRecModelOptions(max_len=0)
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        load_checkpoint(tmp_path)
+        load_run(tmp_path)
 
 
 def test_evaluate_sampled_protocol_equals_a_plain_loop():
