@@ -396,6 +396,8 @@ def fit(config: LMConfig, out: str | Path | None = None, *, mode: str = "new", s
     set_threads(settings.threads)
     device = par.setup(config)
     main = par.is_main_process
+    if main:  # before any data is read: a refused folder costs nothing
+        Run.check_target(out, mode)
     config = dataclasses.replace(config, data=resolve_data(config.data))
     generator = seed_everything(settings.seed)  # the data order: random windows drawn from this
     run = Run(out, "lm", mode, writer=main, tensorboard=settings.tensorboard)

@@ -256,7 +256,7 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, train: T
                 last_good: str | Callable[[], str] = "", progress: bool = False, desc: str = "") -> tuple[float, int]:
     """One pass over `train` (tensors on the device) in a seeded random order: index slices, no
     DataLoader. Every process draws the same order and takes its share of each batch. Each step
-    goes through the non-finite guard. Returns (mean loss of the process's rows, optimizer steps)."""
+    goes through the non-finite guard. Returns (mean loss over the epoch's batches, optimizer steps)."""
     parallel = parallel or DataParallel(train.cat_NC.device)
     objective.train()
     n, batch_size = len(train), settings.batch_size
@@ -273,7 +273,7 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, train: T
                          train.labels_NT.index_select(0, local), parallel.loss_scale(local.numel(), idx.numel()))
         loss.backward()
         optimizer_step(optimizer, loss, first_step + steps + 1, last_good, settings.grad_clip)
-        loss_sum += float(loss.detach())
+        loss_sum += parallel.global_loss(loss)
         steps += 1
         bar.update(idx.numel())
     bar.close()
@@ -310,6 +310,8 @@ def fit(config: MTLConfig, out: str | Path | None = None, *, mode: str = "new", 
     settings = config.train
     set_threads(settings.threads)
     parallel = DataParallel(resolve_device(settings.device))
+    if parallel.is_main:  # before any data is read: a refused folder costs nothing
+        Run.check_target(out, mode)
     device = parallel.device
     generator = seed_everything(settings.seed)
     if data is None:

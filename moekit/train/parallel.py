@@ -9,6 +9,12 @@ is the gradient of the global batch's mean loss: two processes with a global bat
 steps one process with batch B takes. Every process evaluates the whole validation split (the
 same numbers everywhere, so early stopping agrees); only the main process writes the run folder.
 
+Where a loss is not a mean over rows, a process computes it over its own rows: the balancing loss
+of MoE towers (two-tower with `tower='moe'`) is then the mean of the processes' balancing losses,
+not the balancing loss of the global batch (as Megatron-LM and DeepSpeed compute it per process),
+and those runs differ slightly from one process's. Dropout masks differ too (each process draws
+its own), so an exact comparison needs dropout 0.
+
 The language model has its own strategy with expert parallelism (`moekit.train.lm_parallel`).
 """
 
@@ -67,7 +73,10 @@ class DataParallel:
         if batchnorms:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # find_unused_parameters: a process whose share of a small last batch is empty (or whose rows
+        # pick no token for an expert) leaves some parameters without a gradient this step.
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
+                                                   find_unused_parameters=True)
 
     def shard(self, index_B: torch.Tensor) -> torch.Tensor:
         """This process's rows of a global batch (contiguous, as equal as possible)."""
@@ -78,6 +87,15 @@ class DataParallel:
     def loss_scale(self, local_rows: int, global_rows: int) -> float:
         """Factor on a local mean loss so DDP's gradient average is the global mean's gradient."""
         return self.world * local_rows / max(global_rows, 1)
+
+    def global_loss(self, loss) -> float:
+        """The global batch's loss from this process's scaled share (`loss_scale`): what one process
+        with the whole batch would have logged."""
+        if self.world == 1:
+            return float(loss.detach())
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return float(total) / self.world
 
     def barrier(self) -> None:
         if self.world > 1:

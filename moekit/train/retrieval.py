@@ -277,9 +277,9 @@ class InBatchObjective(nn.Module):
     and its own rows' users, and returns its rows' loss as their share of the global batch's mean."""
 
     def __init__(self, model: TwoTower, settings: TwoTowerTrainSettings, log_q_I: torch.Tensor,
-                 neg_log_q: float) -> None:
+                 neg_log_q: float, world: int = 1) -> None:
         super().__init__()
-        self.model, self.settings = model, settings
+        self.model, self.settings, self.world = model, settings, world
         self.register_buffer("log_q_I", log_q_I, persistent=False)
         self.neg_log_q = neg_log_q
 
@@ -295,7 +295,10 @@ class InBatchObjective(nn.Module):
                    "neg_log_q_M": torch.full((len(neg_ids),), self.neg_log_q if settings.logq else 0.0)}
         loss = in_batch_softmax_loss(u_out.embedding, i_out.embedding, item_B, log_q, model.config.temperature,
                                      rows=None if len(rows) == len(item_B) else rows, **neg)
-        return loss * (len(rows) / len(item_B)) + u_out.aux_loss + i_out.aux_loss
+        # Shares of the global batch: the rows' losses (the user tower's balancing loss too, over the rows
+        # this process encodes) by their count; the item tower's, the same on every process, by 1 / world.
+        share = len(rows) / len(item_B)
+        return (loss + u_out.aux_loss) * share + i_out.aux_loss / self.world
 
 
 def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str = "new", ml: MovieLens | None = None,
@@ -307,6 +310,8 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
     settings, options = config.train, config.model
     set_threads(settings.threads)
     parallel = DataParallel(resolve_device(settings.device))
+    if parallel.is_main:  # before any data is read: a refused folder costs nothing
+        Run.check_target(out, mode)
     gen = seed_everything(settings.seed)
     if ml is None:
         config = dataclasses.replace(config, data=resolve_data(config.data))
@@ -324,7 +329,7 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
     p_I = data.item_count.double() / N
     log_q_I = torch.log((B * p_I).clamp(min=1e-12)).float()
     neg_log_q = float(np.log(max(settings.extra_negatives, 1) / data.num_items))
-    trained = parallel.wrap(InBatchObjective(model, settings, log_q_I, neg_log_q))
+    trained = parallel.wrap(InBatchObjective(model, settings, log_q_I, neg_log_q, parallel.world))
     # AdamW on every parameter (norms and biases too), non-fused: the optimizer docs/results/retrieval.md ran.
     opt = build_optimizer(model, settings, kind="adamw", decay_all=True, fused=False)
     steps_per_epoch = (N + B - 1) // B
@@ -358,7 +363,7 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
                     loss.backward()
                     step += 1
                     optimizer_step(opt, loss, step, run.last_good, settings.grad_clip)
-                    total += float(loss.detach()) / parallel.world * len(idx)
+                    total += parallel.global_loss(loss) * len(idx)
                     bar.update(1)
             run.log({"epoch": epoch + 1, "step": step, "loss": total / N})
             bar.set_postfix(loss=f"{total / N:.4f}")

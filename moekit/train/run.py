@@ -68,6 +68,7 @@ class Run:
         self.metrics: list[dict] = []
         self.last_checkpoint: Path | None = None
         self._lock_fd: int | None = None
+        self._created = False
         self._tensorboard = None
         self._want_tensorboard = tensorboard and self.writer
         self._purge_step: int | None = None
@@ -76,19 +77,30 @@ class Run:
 
     # --- claiming the folder -------------------------------------------------------------------
 
-    def _claim(self) -> None:
-        path = self.path
-        assert path is not None
+    @staticmethod
+    def check_target(path: str | os.PathLike | None, mode: str) -> None:
+        """Whether a run may go into `path` as `mode` says, without touching anything: call it before
+        loading data, so a refused folder costs nothing."""
+        if path is None:
+            return
+        path = Path(path)
         exists = is_run_folder(path)
-        if self.mode == "resume" and not exists:
+        if mode == "resume" and not exists:
             raise RunFolderError(f"cannot resume: {path} holds no run (no {CONFIG_FILE} or checkpoints)")
-        if self.mode == "new" and exists:
+        if mode == "new" and exists:
             raise RunFolderError(f"{path} already holds a run; pass --resume to continue it or --overwrite "
                                  f"to replace it (or choose another --out)")
         if path.exists() and not path.is_dir():
             raise RunFolderError(f"--out {path} is a file, not a folder")
         if path.is_dir() and not exists and any(p.name != ".lock" for p in path.iterdir()):
             raise RunFolderError(f"{path} is not empty and holds no moekit run; choose another --out")
+
+    def _claim(self) -> None:
+        path = self.path
+        assert path is not None
+        self.check_target(path, self.mode)
+        exists = is_run_folder(path)
+        self._created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         self._lock()
         if self.mode == "overwrite" and exists:
@@ -125,8 +137,12 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.close()
+        # A run that failed before it wrote its config (bad data, bad config) leaves no folder behind.
+        if exc_type is not None and self._created and self.path is not None and \
+                not (self.path / CONFIG_FILE).exists():
+            shutil.rmtree(self.path, ignore_errors=True)
 
     # --- config and artifacts ------------------------------------------------------------------
 

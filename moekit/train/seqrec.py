@@ -346,6 +346,8 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
     settings, options = config.train, config.model
     set_threads(settings.threads)
     parallel = DataParallel(resolve_device(settings.device))
+    if parallel.is_main:  # before any data is read: a refused folder costs nothing
+        Run.check_target(out, mode)
     device = parallel.device
     generator = seed_everything(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -411,11 +413,12 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
                         negatives_BT = sample_unseen_negatives(inputs_BT, targets_BT, data.num_items, generator)
                     local = parallel.shard(torch.arange(len(idx)))
                     loss = trained(inputs_BT[local].to(device), targets_BT[local].to(device),
-                                   None if negatives_BT is None else negatives_BT[local].to(device)) * parallel.world
+                                   None if negatives_BT is None else negatives_BT[local].to(device))
+                    loss = loss * parallel.world  # DDP averages: world x (local sum / global targets per batch)
                     loss.backward()
                     step += 1
                     optimizer_step(optimizer, loss, step, run.last_good, settings.grad_clip)
-                    total += float(loss.detach()) / parallel.world
+                    total += parallel.global_loss(loss)
                     inner.update(1)
             inner.close()
             train_s = time.perf_counter() - t0
