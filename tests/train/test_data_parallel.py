@@ -25,9 +25,8 @@ def mtl_job(out: Path | None):
 
 
 def seqrec_job(out: Path | None, loss: str):
-    from tests.train.test_seqrec import _cyclic_data, seqrec_config
-
     from moekit.train.seqrec import fit
+    from tests.train.test_seqrec import _cyclic_data, seqrec_config
 
     config = seqrec_config(architecture="fame", loss=loss, max_len=8, hidden=16, num_layers=1, num_experts=2,
                            dropout=0.0, attn_dropout=0.0, epochs=3, patience=3, batch_size=16, lr=1e-2, seed=3,

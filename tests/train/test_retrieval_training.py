@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.data.movielens import synthetic_movielens
-from moekit.train.metrics import recall_hit_at_k, top_k_excluding
 from moekit.config import ConfigError
+from moekit.data.movielens import synthetic_movielens
 from moekit.models.two_tower import TwoTower
+from moekit.train.metrics import recall_hit_at_k, top_k_excluding
 from moekit.train.retrieval import (
     ItemIndex,
     TwoTowerOptions,

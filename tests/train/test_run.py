@@ -91,9 +91,10 @@ def test_nan_gradients_stop_an_epoch_family_and_every_kept_checkpoint_is_finite(
     named = message.rsplit("the last good checkpoint is ", 1)[1]
     assert named.endswith("step_0000002") and (tmp_path / "run/checkpoints/step_0000002").is_dir()
     monkeypatch.undo()
-    files = [tmp_path / "run/model.safetensors", *sorted((tmp_path / "run/checkpoints").glob("step_*/model.safetensors"))]
     from moekit.io import load_tensors
 
+    kept = sorted((tmp_path / "run/checkpoints").glob("step_*/model.safetensors"))
+    files = [tmp_path / "run/model.safetensors", *kept]
     assert len(files) == 3
     for path in files:
         assert all(torch.isfinite(t).all() for t in load_tensors(path).values() if t.is_floating_point()), path

@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from moekit.config import ConfigError, build_dataclass
 from moekit.data.sequences import SequenceDataset
 from moekit.models.sequential import SASRec, SASRecConfig, build_model
 from moekit.train.metrics import mask_history, ranking_metrics, sampled_target_ranks, target_ranks
-from moekit.config import ConfigError, build_dataclass
 from moekit.train.seqrec import (
     SeqRecConfig,
     SeqRecModelOptions,
     SeqRecTrainSettings,
     evaluate,
-    evaluate_run,
     fit,
     head_gate_by_category,
     length_bucketed_batches,
