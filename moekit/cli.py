@@ -56,6 +56,7 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole `moekit` parser, built from `COMMANDS` (each command module adds its own flags)."""
     parser = argparse.ArgumentParser(
         prog="moekit",
         description="Mixture-of-Experts layers, language models and recommenders for PyTorch.",
@@ -96,6 +97,7 @@ def _tune_malloc_and_reexec(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `moekit` command line on `argv` (default: sys.argv); returns the exit code (2: bad input)."""
     as_program = argv is None  # only the real program re-executes itself; tests call main(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

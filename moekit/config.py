@@ -89,6 +89,7 @@ def config_dict(config: Any) -> dict:
 
 
 def json_safe(value: Any) -> Any:
+    """`value` with tuples as lists and paths as strings, for JSON."""
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -221,6 +222,7 @@ def apply_overrides(data: dict, overrides: Iterable[str], default_section: str |
 
 
 def set_path(data: dict, parts: list[str], value: Any) -> None:
+    """data[a][b][c] = value for parts [a, b, c], creating the mappings on the way."""
     target = data
     for part in parts[:-1]:
         if not isinstance(target.get(part), dict):
@@ -275,6 +277,7 @@ def check_number(name: str, value: Any, minimum: float | None = None, maximum: f
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    """`value` is one of `allowed`."""
     allowed = tuple(allowed)
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))} (got {value!r})")

@@ -71,6 +71,7 @@ def _sample(run: Path, prompt: str, tokens: int, seed: int) -> str:
 
 
 def run_language_models(cfg: DemoConfig, run_dir: Path) -> dict:
+    """Part 1: the MoE LM and its dense twin on TinyShakespeare; their results, samples and plots."""
     from moekit.plots import expert_load_heatmap, loss_curves
     from moekit.train.lm import fit
 
@@ -106,6 +107,7 @@ SMALL_DATA_NOTE = ("2,000 training rows are too few to separate the models: a di
 
 
 def run_multitask(cfg: DemoConfig, run_dir: Path) -> dict:
+    """Part 2: MMoE against Shared-Bottom on the shipped Census-Income rows; their AUCs and the gate plot."""
     from moekit.models.multitask import MultiTaskOptions
     from moekit.plots import gate_heatmap
     from moekit.train.mtl import MTLConfig, MTLDataConfig, MTLTrainSettings, fit, load_data
@@ -168,6 +170,7 @@ def _check_finite(summary: dict) -> None:
 
 
 def print_summary(summary: dict) -> None:
+    """The demo's results as tables on stdout."""
     lm = summary["language_models"]["results"]
     print("\nLanguage models on TinyShakespeare (byte-level), same tokens and seed:")
     print(f"| {'model':6} | {'val loss':>8} | {'bits/byte':>9} | {'params total':>12} | {'active/token':>12} "

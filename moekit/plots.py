@@ -20,6 +20,7 @@ from moekit.io import atomic_write_bytes
 
 
 def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
@@ -29,6 +30,7 @@ def pyplot():
 
 
 def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write `fig` as a PNG atomically and close it."""
     plt = pyplot()
     buffer = io.BytesIO()
     fig.tight_layout()

@@ -21,6 +21,7 @@ img { max-width: 100%; border: 1px solid #eee; }
 
 
 def table_html(header: list[str], rows: list[list]) -> str:
+    """An HTML table with escaped cells."""
     cells = lambda tag, row: "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)  # noqa: E731
     body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
     return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
@@ -36,6 +37,7 @@ def image_html(path: str | Path, alt: str) -> str:
 
 
 def write_demo_report(summary: dict, path: str | Path) -> Path:
+    """The demo's self-contained report.html (tables, samples, inlined plots)."""
     lm, mtl = summary["language_models"], summary["multitask"]
     parts = [f"<html><head><meta charset='utf-8'><title>moekit demo</title><style>{_STYLE}</style></head><body>",
              "<h1>moekit demo</h1>",

@@ -32,10 +32,12 @@ LAYOUT, DENSE, TRAINER = "layout.json", "dense.safetensors", "trainer.safetensor
 
 
 def shard_file(ep_rank: int, ep_size: int) -> str:
+    """The file holding expert-parallel rank `ep_rank`'s experts."""
     return f"experts-{ep_rank:05d}-of-{ep_size:05d}.safetensors"
 
 
 def optimizer_file(ep_rank: int) -> str:
+    """The file holding expert-parallel rank `ep_rank`'s optimizer state."""
     return f"optimizer-ep{ep_rank:05d}.pt"
 
 
@@ -86,6 +88,7 @@ def _write_layout(folder: Path, ep_size: int, sizes: dict[str, int], extra: dict
 
 
 def read_layout(folder: str | Path) -> dict:
+    """layout.json of an expert-parallel checkpoint, checked to be one."""
     path = Path(folder) / LAYOUT
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {folder} is not an expert-parallel checkpoint "

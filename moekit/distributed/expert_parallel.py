@@ -303,6 +303,7 @@ def _check_parallelizable(name: str, moe: MoE, ep_size: int) -> None:
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """(name, layer) of every MoE layer in `model`."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
 
 

@@ -197,6 +197,7 @@ class AttentionGate(nn.Module):
 
 
 def build_gate(kind: str, d_in: int, num_experts: int, d_expert: int) -> nn.Module:
+    """A softmax or attention gate over `num_experts` experts."""
     return (SoftmaxGate if kind == "softmax" else AttentionGate)(d_in, num_experts, d_expert)
 
 

@@ -367,6 +367,7 @@ class FAME(SASRec):
 
 
 def build_model(kind: str, config: SASRecConfig) -> SASRec:
+    """SASRec or FAME by name ('sasrec', 'fame')."""
     if kind == "sasrec":
         return SASRec(config)
     if kind == "fame":

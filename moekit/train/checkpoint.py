@@ -98,6 +98,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file; missing or corrupt names the file."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     try:

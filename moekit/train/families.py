@@ -42,6 +42,7 @@ USE = {  # what a user does with a run of each family, for "this is an X run" me
 
 
 def family_module(family: str) -> ModuleType:
+    """The training module of a family ('lm', 'mtl', 'seqrec', 'two-tower', 'dqn')."""
     if family not in MODULES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(MODULES)}")
     return importlib.import_module(MODULES[family])

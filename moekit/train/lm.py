@@ -188,6 +188,7 @@ def resolve_data(config: LMDataConfig) -> LMDataConfig:
 
 
 def build_data(config: LMConfig, out: Path | None) -> TokenData:
+    """The config's text, tokenized into the run's data cache (or `data.cache_dir`)."""
     data = config.data
     cache = Path(data.cache_dir) if data.cache_dir else (out / "data" if out is not None else None)
     if cache is None:
@@ -302,6 +303,7 @@ def bits_per_byte(loss: float, tokens: int, data: TokenData) -> float:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations, or the resident set on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
@@ -536,6 +538,7 @@ CONFIG = LMConfig
 
 
 def config_from_run(header: dict) -> LMConfig:
+    """The run config of an LM run folder's config.json."""
     from moekit.config import build_dataclass
 
     return build_dataclass(LMConfig, {"model": header["model"], "data": header.get("data", {}),

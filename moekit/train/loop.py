@@ -126,6 +126,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def set_threads(threads: int | None) -> None:
+    """torch's CPU threads, when given."""
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -170,6 +171,7 @@ def build_optimizer(model: nn.Module | list[nn.Module], settings: TrainSettings,
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 

@@ -242,6 +242,7 @@ def selection_metric(model: MultiTaskModel, valid: TabularBatch) -> tuple[str, s
 
 
 def selection_score(metrics: dict[str, float], mode: str, tasks: list[str], task_types: dict[str, str]) -> float:
+    """The early-stopping score of `selection_metric` from validation metrics."""
     if mode == "max":
         return float(np.mean([metrics[f"{t}/auc"] for t in tasks]))
     losses = [metrics[f"{t}/logloss"] if task_types[t] == "binary" else metrics[f"{t}/rmse"] ** 2 for t in tasks]

@@ -30,6 +30,7 @@ from moekit.config import ConfigError
 
 
 def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by torchrun."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 

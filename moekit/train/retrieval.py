@@ -131,6 +131,7 @@ def evaluate_scores(scores_UI: torch.Tensor, data: RetrievalData, ks=KS) -> dict
 
 @torch.no_grad()
 def two_tower_scores(model: TwoTower, data: RetrievalData, batch_size: int = 1024) -> torch.Tensor:
+    """(U', I) scores of the evaluated users against every item."""
     model.eval()
     items_ID = model.all_item_embeddings()
     users = [model.user_forward(u, h).embedding for u, h in
@@ -393,6 +394,7 @@ CONFIG = TwoTowerRunConfig
 
 
 def config_from_run(header: dict) -> TwoTowerRunConfig:
+    """The run config of a two-tower run folder's config.json."""
     from moekit.train.families import run_config
 
     return run_config(TwoTowerRunConfig, header, TwoTowerOptions, header["model"])

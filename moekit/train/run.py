@@ -47,6 +47,7 @@ class RunFolderError(ConfigError):
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a run (a config, a model, results, metrics or checkpoints)."""
     path = Path(path)
     return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
 

@@ -330,6 +330,7 @@ def resolve_data(config: SequenceDataConfig) -> SequenceDataConfig:
 
 
 def load_data(config: SequenceDataConfig) -> SequenceDataset:
+    """The interaction sequences `config` names, preprocessed as it says."""
     return load_sequences(config.dataset, config.data_dir, min_rating=config.min_rating, core=config.core)
 
 
@@ -454,6 +455,7 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
 
 
 def protocol_description(settings: SeqRecTrainSettings) -> str:
+    """One line saying how the run was trained and evaluated."""
     loss = "full softmax CE" if settings.loss == "ce" else "BCE, 1 sampled negative"
     if settings.eval_protocol == "full":
         ev = "full ranking over all items, history masked"
@@ -481,6 +483,7 @@ def _plain(value):
 
 
 def config_from_run(header: dict) -> SeqRecConfig:
+    """The run config of a seqrec run folder's config.json."""
     from moekit.train.families import run_config
 
     options = dict(header["model"], architecture=header["architecture"].lower())
