@@ -96,7 +96,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, config_class: type, fam
                      help="set config keys, e.g. train.lr=1e-3 model.num_experts=4 (no section: train)")
     run.add_argument("--out", metavar="DIR",
                      help=f"run folder (default: runs/{family}-<date>-<time> in the current folder)")
-    run.add_argument("--seeds", type=int, nargs="+", metavar="S",
+    run.add_argument("--seeds", nargs="+", metavar="S",
                      help="train one run per seed into OUT/seed-S and report mean ± std")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
@@ -180,6 +180,25 @@ def saved_sections(family: str, folder: Path) -> dict | None:
     return config_dict(family_module(family).config_from_run(header))
 
 
+def split_seeds(args: argparse.Namespace) -> None:
+    """`--seeds 0 1 2 train.lr=1e-3`: argparse hands the overrides after a list flag to the list; the
+    integers are the seeds, the KEY=VALUE items go back to the overrides."""
+    if not args.seeds:
+        return
+    seeds, overrides = [], []
+    for item in args.seeds:
+        if "=" in item:
+            overrides.append(item)
+            continue
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise ConfigError(f"--seeds takes integers (got {item!r})") from None
+    if not seeds:
+        raise ConfigError("--seeds needs at least one integer")
+    args.seeds, args.overrides = seeds, [*args.overrides, *overrides]
+
+
 def with_seed(config: Any, seed: int) -> Any:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
 
@@ -199,6 +218,7 @@ def train_runs(args: argparse.Namespace, family: str, config_class: type, fit: C
     """Fit one run (`--seed`) or one per seed (`--seeds`, into OUT/seed-S); returns the results.
     `base`: config sections that replace the defaults of a new run (e.g. the model of `--init DIR`)."""
     mode = run_mode(args)
+    split_seeds(args)
     if mode == "resume" and not args.out:
         raise ConfigError("--resume needs --out: the run folder to continue")
     out = Path(args.out) if args.out else default_out(family)
