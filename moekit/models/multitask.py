@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config import documented
 from moekit.models.pretrained import Pretrained
 
 ARCHITECTURES = ("shared_bottom", "omoe", "mmoe", "ple")
@@ -287,32 +288,47 @@ class CGCLevel(nn.Module):
 # ---------------------------------------------------------------------------------------------- config
 
 
+@documented
 @dataclass
 class MultiTaskOptions:
     """Architecture and sizes of a multi-task model, without the parts that come from the data
     (features, tasks): what a training config or a CLI holds before the data is loaded."""
 
     architecture: str = "mmoe"
-    embed_dim: int = 4  # census features have 3-53 values each: a few dimensions suffice
-    # Off by default: on Census-Income it cost ~0.005 income AUC (it rescales rare-category embeddings).
+    """shared_bottom, omoe (one gate for all tasks), mmoe (a gate per task) or ple (CGC levels)."""
+    embed_dim: int = 4
+    """Width of each categorical feature's embedding (census features have 3-53 values: a few suffice)."""
     input_batchnorm: bool = False
+    """BatchNorm on the input row. Off by default: on Census-Income it cost ~0.005 income AUC (it
+    rescales rare-category embeddings)."""
     input_dropout: float = 0.0
-    # Experts (OMoE, MMoE, PLE): two-layer ReLU MLPs, D -> expert_hidden -> expert_dim.
+    """Dropout on the input row."""
     num_experts: int = 8
+    """OMoE / MMoE: experts (two-layer ReLU MLPs, input -> expert_hidden -> expert_dim)."""
     expert_hidden: int = 64
+    """Hidden width of each expert."""
     expert_dim: int = 32
+    """Output width of each expert (the towers' input)."""
     expert_dropout: float = 0.0
+    """Dropout inside the experts."""
     residual_experts: bool = False
-    expert_batchnorm: bool = False  # BatchNorm inside experts, as torch-rechub's MLP experts have
+    """Add a projection of the input to each expert's output."""
+    expert_batchnorm: bool = False
+    """BatchNorm inside experts, as torch-rechub's MLP experts have."""
     gate: str = "softmax"
-    # PLE: experts per task and shared experts at each of `num_levels` CGC levels.
+    """'softmax' (a linear layer and a softmax over experts) or 'attention' (query-key scores)."""
     num_specific_experts: int = 2
+    """PLE: experts per task at each CGC level."""
     num_shared_experts: int = 4
+    """PLE: shared experts at each CGC level."""
     num_levels: int = 2
-    # Shared-Bottom: the shared network's widths (its last width feeds the towers).
+    """PLE: CGC levels."""
     bottom_widths: tuple[int, ...] = (128, 64)
+    """Shared-Bottom: the shared network's widths (its last width feeds the towers)."""
     tower_widths: tuple[int, ...] = (32,)
+    """Hidden widths of each task's tower (empty: one linear layer)."""
     tower_dropout: float = 0.0
+    """Dropout inside the towers."""
 
     def __post_init__(self) -> None:
         self.bottom_widths, self.tower_widths = tuple(self.bottom_widths), tuple(self.tower_widths)
@@ -332,15 +348,20 @@ class MultiTaskOptions:
             raise ValueError("shared_bottom needs at least one bottom width")
 
 
+@documented
 @dataclass(kw_only=True)
 class MultiTaskConfig(MultiTaskOptions):
     """Architecture of a multi-task model: the options plus `vocab_sizes`/`num_numeric` (from a
     FeatureSpec) and the tasks. Keyword-only, so the inherited defaults can come first."""
 
     vocab_sizes: tuple[int, ...]
+    """Vocabulary size of each categorical feature (OOV bucket included)."""
     num_numeric: int
+    """Numeric features."""
     tasks: tuple[str, ...] = ("task0", "task1")
-    task_types: tuple[str, ...] | None = None  # default: every task binary
+    """Task names, one tower and one logit each."""
+    task_types: tuple[str, ...] | None = None
+    """'binary' or 'regression' per task (default: every task binary)."""
 
     @classmethod
     def from_options(cls, options: MultiTaskOptions, vocab_sizes: tuple[int, ...], num_numeric: int,

@@ -25,58 +25,66 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config import ConfigError, check_choice, check_int, check_number, documented
 from moekit.layers.experts import FeedForward
 from moekit.models.pretrained import Pretrained
 
 
+@documented
 @dataclass
 class SASRecConfig:
-    num_items: int  # items are 1..num_items; id 0 is padding
-    max_len: int = 50  # positions seen; the standard setting for Amazon data (SASRec paper: 50)
+    """Sizes of a SASRec model."""
+
+    num_items: int
+    """Items are 1..num_items; id 0 is padding."""
+    max_len: int = 50
+    """Positions seen; the standard setting for Amazon data (SASRec paper: 50)."""
     hidden: int = 64
+    """Width of item embeddings and hidden states."""
     num_layers: int = 2
+    """Transformer blocks."""
     num_heads: int = 2
-    ffn_mult: int = 4  # FFN width = ffn_mult * hidden (RecBole's 256 for hidden 64)
-    dropout: float = 0.5  # the SASRec paper's choice for sparse Amazon data
+    """Attention heads."""
+    ffn_mult: int = 4
+    """FFN width = ffn_mult * hidden (RecBole's 256 for hidden 64)."""
+    dropout: float = 0.5
+    """Dropout on embeddings and block outputs (the SASRec paper's choice for sparse Amazon data)."""
     attn_dropout: float = 0.5
-    # Which position index each item gets: 'end' counts back from the most recent item (the SASRec
-    # reference code's left-padded layout: the newest item is always at max_len - 1); 'start' counts
-    # from the oldest item in the window (RecBole's layout), so a training prefix of length t sits at
-    # the same positions as a test history of length t.
+    """Dropout on attention weights."""
     positions: str = "end"
+    """Which position index each item gets: 'end' counts back from the most recent item (the SASRec
+    reference code's left-padded layout: the newest item is always at max_len - 1); 'start' counts from
+    the oldest item in the window (RecBole's layout), so a training prefix of length t sits at the same
+    positions as a test history of length t."""
 
     def __post_init__(self) -> None:
-        if self.positions not in ("end", "start"):
-            raise ValueError(f"positions must be 'end' or 'start' (got {self.positions!r})")
-        if self.num_items < 1:
-            raise ValueError(f"num_items must be >= 1 (got {self.num_items})")
+        check_choice("positions", self.positions, ("end", "start"))
+        for name in ("num_items", "max_len", "hidden", "num_layers", "num_heads", "ffn_mult"):
+            check_int(name, getattr(self, name), 1)
         if self.hidden % self.num_heads:
-            raise ValueError(f"hidden must be divisible by num_heads (got hidden={self.hidden}, "
-                             f"num_heads={self.num_heads})")
-        for name in ("max_len", "hidden", "num_layers", "num_heads", "ffn_mult"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+            raise ConfigError(f"hidden must be divisible by num_heads (got hidden={self.hidden}, "
+                              f"num_heads={self.num_heads})")
         for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1) (got {getattr(self, name)})")
+            check_number(name, getattr(self, name), 0.0, 1.0, strict_max=True)
 
 
+@documented
 @dataclass
 class FAMEConfig(SASRecConfig):
-    num_experts: int = 4  # query-projection experts inside each head of the last layer
-    # How the head gate combines the heads: 'logits' adds the heads' item scores weighted by H times
-    # the gate (the issue's "a gate over heads combines the head scores"; with cross-entropy it trained
-    # faster and better on Beauty than the alternative), 'probability' mixes the heads' softmax
-    # distributions (a mixture of softmaxes; the log of the mixture is the score; full-softmax
-    # cross-entropy only).
+    """Sizes of a FAME model: SASRec's plus the last layer's experts and head mixing."""
+
+    num_experts: int = 4
+    """Query-projection experts inside each head of the last layer."""
     head_mixing: str = "logits"
+    """How the head gate combines the heads: 'logits' adds the heads' item scores weighted by H times the
+    gate (with cross-entropy it trained faster and better on Beauty than the alternative), 'probability'
+    mixes the heads' softmax distributions (a mixture of softmaxes; the log of the mixture is the score;
+    full-softmax cross-entropy only)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1 (got {self.num_experts})")
-        if self.head_mixing not in ("probability", "logits"):
-            raise ValueError(f"head_mixing must be 'probability' or 'logits' (got {self.head_mixing!r})")
+        check_int("num_experts", self.num_experts, 1)
+        check_choice("head_mixing", self.head_mixing, ("probability", "logits"))
 
 
 def attention_mask(items_BT: Tensor) -> Tensor:

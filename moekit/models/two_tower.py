@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config import ConfigError, check_choice, check_int, check_number, documented
 from moekit.layers.config import MoEConfig
 from moekit.layers.experts import FeedForward
 from moekit.layers.moe import MoE
@@ -27,45 +28,71 @@ TOWERS = ("mlp", "moe")
 POOLINGS = ("mean", "attention")
 
 
+@documented
 @dataclass
-class TwoTowerConfig:
-    num_users: int
-    num_items: int
-    num_genres: int = 19
-    num_year_buckets: int = 20
-    num_age_groups: int = 7
-    num_occupations: int = 21
+class TwoTowerOptions:
+    """The towers of a two-tower model, without the sizes that come from the data (user and item
+    counts): what a training config holds before the data is loaded."""
+
+    tower: str = "mlp"
+    """'mlp' (a residual FFN block per tower) or 'moe' (a sparse MoE block in its place)."""
     dim: int = 64
     """Width of the final (L2-normalised) embeddings and of the id embeddings."""
     hidden: int = 128
     """Tower hidden width (the MoE d_model)."""
     ffn_hidden: int = 256
     """Hidden width of the residual FFN block (MLP tower) or of each expert (MoE tower)."""
-    tower: str = "mlp"
     num_experts: int = 4
+    """MoE towers: experts per tower."""
     top_k: int = 2
+    """MoE towers: experts per row."""
     aux_loss_coef: float = 0.01
+    """MoE towers: load-balancing loss weight."""
     pooling: str = "mean"
     """How the user tower pools the recent history: 'mean' or 'attention' (query from the profile)."""
     history_len: int = 50
+    """Recent training items the user tower sees."""
     use_user_id: bool = True
     """A user-id embedding memorises each known user; turn it off to serve users unseen in training."""
     temperature: float = 0.05
     """Softmax temperature on cosine scores: 1/0.05 = 20 spreads cosines in [-1, 1] enough to rank."""
     dropout: float = 0.1
+    """Dropout inside the towers."""
+    num_year_buckets: int = 20
+    """Release-year buckets (5 years each from 1920; 0 = unknown)."""
 
     def __post_init__(self) -> None:
-        if self.tower not in TOWERS:
-            raise ValueError(f"unknown tower={self.tower!r}; expected one of {', '.join(TOWERS)}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling={self.pooling!r}; expected one of {', '.join(POOLINGS)}")
-        for name in ("num_users", "num_items", "dim", "hidden", "ffn_hidden", "history_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature})")
-        if self.tower == "moe" and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
+        check_choice("tower", self.tower, TOWERS)
+        check_choice("pooling", self.pooling, POOLINGS)
+        for name in ("dim", "hidden", "ffn_hidden", "num_experts", "top_k", "history_len", "num_year_buckets"):
+            check_int(name, getattr(self, name), 1)
+        check_number("temperature", self.temperature, 0.0, strict_min=True)
+        check_number("aux_loss_coef", self.aux_loss_coef, 0.0)
+        check_number("dropout", self.dropout, 0.0, 1.0, strict_max=True)
+        if self.tower == "moe" and self.top_k > self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
+
+
+@documented
+@dataclass(kw_only=True)
+class TwoTowerConfig(TwoTowerOptions):
+    """Sizes of the two-tower model: the towers plus the user, item and side-feature counts of the data."""
+
+    num_users: int
+    """Users (rows of the user-id embedding and of the user side features)."""
+    num_items: int
+    """Items in the catalogue."""
+    num_genres: int = 19
+    """Genre flags per item."""
+    num_age_groups: int = 7
+    """User age groups."""
+    num_occupations: int = 21
+    """User occupations."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_users", "num_items", "num_genres", "num_age_groups", "num_occupations"):
+            check_int(name, getattr(self, name), 1)
 
 
 @dataclass

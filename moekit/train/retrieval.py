@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from moekit.config import ConfigError, check_choice, check_int, check_number, config_dict, documented
+from moekit.config import ConfigError, check_choice, check_int, config_dict, documented
 from moekit.data.movielens import MovieLens, leave_last_out, load_movielens, user_sequences
-from moekit.models.two_tower import TwoTower, TwoTowerConfig, in_batch_softmax_loss
+from moekit.models.two_tower import TwoTower, TwoTowerConfig, TwoTowerOptions, in_batch_softmax_loss
 from moekit.train.loop import (
     RNGState,
     TrainSettings,
@@ -147,53 +147,10 @@ def popularity_scores(data: RetrievalData) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training
 
 
-@documented
-@dataclass
-class TwoTowerOptions:
-    """Architecture and sizes of the two-tower model (the `model` section; user and item counts come from
-    the data)."""
-
-    tower: str = "mlp"
-    """'mlp' (a residual FFN block per tower) or 'moe' (a sparse MoE block in its place)."""
-    dim: int = 64
-    """Width of the final (L2-normalised) embeddings and of the id embeddings."""
-    hidden: int = 128
-    """Tower hidden width (the MoE d_model)."""
-    ffn_hidden: int = 256
-    """Hidden width of the residual FFN block (MLP tower) or of each expert (MoE tower)."""
-    num_experts: int = 4
-    """MoE towers: experts per tower."""
-    top_k: int = 2
-    """MoE towers: experts per row."""
-    aux_loss_coef: float = 0.01
-    """MoE towers: load-balancing loss weight."""
-    pooling: str = "mean"
-    """How the user tower pools the recent history: 'mean' or 'attention' (query from the profile)."""
-    history_len: int = 50
-    """Recent items the user tower sees."""
-    use_user_id: bool = True
-    """A user-id embedding memorises each known user; turn it off to serve users unseen in training."""
-    temperature: float = 0.05
-    """Softmax temperature on cosine scores."""
-    dropout: float = 0.1
-    """Dropout inside the towers."""
-    num_year_buckets: int = 20
-    """5-year release buckets from 1920 (bucket 0: unknown)."""
-
-    def __post_init__(self) -> None:
-        check_choice("model.tower", self.tower, ("mlp", "moe"))
-        check_choice("model.pooling", self.pooling, ("mean", "attention"))
-        for name in ("dim", "hidden", "ffn_hidden", "num_experts", "top_k", "history_len", "num_year_buckets"):
-            check_int(f"model.{name}", getattr(self, name), 1)
-        check_number("model.temperature", self.temperature, 0.0, strict_min=True)
-        check_number("model.aux_loss_coef", self.aux_loss_coef, 0.0)
-        check_number("model.dropout", self.dropout, 0.0, 1.0, strict_max=True)
-        if self.tower == "moe" and self.top_k > self.num_experts:
-            raise ConfigError(f"model.top_k={self.top_k} must be <= model.num_experts={self.num_experts}")
-
-    def model_config(self, ml: MovieLens) -> TwoTowerConfig:
-        return TwoTowerConfig(num_users=ml.num_users, num_items=ml.num_items, num_genres=ml.genres.shape[1],
-                              num_occupations=len(ml.occupations), **dataclasses.asdict(self))
+def model_config(options: TwoTowerOptions, ml: MovieLens) -> TwoTowerConfig:
+    """The options plus MovieLens's user, item and side-feature counts."""
+    return TwoTowerConfig(num_users=ml.num_users, num_items=ml.num_items, num_genres=ml.genres.shape[1],
+                          num_occupations=len(ml.occupations), **dataclasses.asdict(options))
 
 
 @documented
@@ -317,7 +274,7 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
     if ml is None:
         config = dataclasses.replace(config, data=resolve_data(config.data))
         ml = load_movielens(config.data.data_dir, config.data.dataset)
-    model_cfg = options.model_config(ml)
+    model_cfg = model_config(options, ml)
     if data is None:
         data = prepare_retrieval_data(ml, config.data.split, model_cfg.history_len, model_cfg.num_year_buckets)
     if data.history_len != model_cfg.history_len:

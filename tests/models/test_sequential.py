@@ -179,7 +179,7 @@ def test_config_and_input_errors():
         SASRecConfig(10, hidden=10, num_heads=3)
     with pytest.raises(ValueError, match="head_mixing"):
         FAMEConfig(10, head_mixing="max")
-    with pytest.raises(ValueError, match="positions must be 'end' or 'start'"):
+    with pytest.raises(ValueError, match="positions must be one of end, start"):
         SASRecConfig(10, positions="middle")
     with pytest.raises(ValueError, match="model 'fame' needs a FAMEConfig"):
         build_model("fame", SASRecConfig(10))
