@@ -166,19 +166,17 @@ def bench_workload(w: Workload, dtype_name: str, args: argparse.Namespace, progr
             p.grad = None
 
     modes = {"fwd": forward, "fwd+bwd": forward_backward}
-    calls = {}  # (name, mode) -> calls per sample, from one untimed call
-    for name, (run, params) in impls.items():
-        for mode, fn in modes.items():
-            once = _seconds(lambda fn=fn, run=run, params=params: fn(run, params), 1, args.device)
-            calls[name, mode] = max(1, min(MAX_CALLS, round(MIN_SAMPLE_S / max(once, 1e-9))))
+    calls = {(name, mode): 1 for name in impls for mode in modes}  # calls per sample, set by the first rep
     times = {name: {mode: [] for mode in modes} for name in impls}
     for rep in range(args.warmup + args.reps):
         for name, (run, params) in impls.items():  # interleaved: noise hits everyone alike
             for mode, fn in modes.items():
-                ms = 1e3 * _seconds(lambda fn=fn, run=run, params=params: fn(run, params), calls[name, mode],
-                                    args.device)
+                seconds = _seconds(lambda fn=fn, run=run, params=params: fn(run, params), calls[name, mode],
+                                   args.device)
+                if rep == 0:
+                    calls[name, mode] = max(1, min(MAX_CALLS, round(MIN_SAMPLE_S / max(seconds, 1e-9))))
                 if rep >= args.warmup:
-                    times[name][mode].append(ms)
+                    times[name][mode].append(1e3 * seconds)
         progress.update(1)
 
     base = {mode: statistics.median(v) for mode, v in times[FLOOR].items()}
