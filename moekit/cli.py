@@ -31,6 +31,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("eval", "seqrec"): "moekit.commands.evaluate",
     ("eval", "two-tower"): "moekit.commands.evaluate",
     ("eval", "dqn"): "moekit.commands.evaluate",
+    ("predict", "mtl"): "moekit.commands.predict",
     ("generate",): "moekit.commands.generate",
     ("recommend",): "moekit.commands.recommend",
     ("retrieve",): "moekit.commands.retrieve",
@@ -43,6 +44,7 @@ GROUP_HELP = {
     "bench": "measure moekit's MoE layer",
     "train": "train a model into a run folder",
     "eval": "evaluate a trained model from its run folder",
+    "predict": "score new rows with a trained model",
     "checkpoint": "merge or re-shard expert-parallel checkpoints",
 }
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "train a multi-task ranker (shared_bottom, omoe, mmoe, ple) on a table (Census-Income)"
+HELP = ("train a multi-task ranker (shared_bottom, omoe, mmoe, ple) on your table (--data FILE --tasks a,b) "
+        "or Census-Income")
 TUNE_MALLOC = True
 
 
@@ -12,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moekit.commands.shared import add_train_arguments
     from moekit.train.mtl import MTLConfig
 
-    add_train_arguments(parser, MTLConfig, "mtl", aliases={"model": "model.architecture"})
+    add_train_arguments(parser, MTLConfig, "mtl", aliases={"model": "model.architecture", "data": "data.path"})
 
 
 def run(args: argparse.Namespace) -> int:

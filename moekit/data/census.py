@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from moekit.data.paths import find_file, open_text, resolve_data_dir
-from moekit.data.tabular import FeatureSpec, MultiTaskData, TabularBatch
+from moekit.data.table import multitask_data
+from moekit.data.tabular import MultiTaskData
 
 URL = "https://archive.ics.uci.edu/dataset/117/census+income+kdd"
 TRAIN_FILES = ("census-income.data", "census-income.data.gz")
@@ -92,21 +92,25 @@ def read_rows(path: Path, max_rows: int | None = None) -> list[list[str]]:
     return rows
 
 
-def _columns(rows: list[list[str]]) -> dict[str, list]:
-    columns = {name: [r[j] for r in rows] for j, name in enumerate(COLUMNS)}
-    for name in NUMERIC:  # already checked by read_rows
-        columns[name] = [float(v) for v in columns[name]]
-    return columns
+def frame(rows: list[list[str]], group: int):
+    """The rows as a DataFrame of the census columns plus the group's task labels ('1' / '0')."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    first, marital = labels(table, group).T
+    table[GROUPS[group][0]] = np.where(first, "1", "0")
+    table[GROUPS[group][1]] = np.where(marital, "1", "0")
+    return table
 
 
-def labels(columns: dict[str, list], group: int) -> np.ndarray:
+def labels(table, group: int) -> np.ndarray:
     """(N, 2) float32 labels of the group's tasks, in GROUPS[group] order."""
-    marital = [v == NEVER_MARRIED for v in columns["marital_stat"]]
+    marital = table["marital_stat"].to_numpy() == NEVER_MARRIED
     if group == 1:
-        first = [v == INCOME_OVER_50K for v in columns["income"]]
+        first = table["income"].to_numpy() == INCOME_OVER_50K
     else:
-        first = [v in COLLEGE for v in columns["education"]]
-    return np.stack([np.asarray(first), np.asarray(marital)], axis=1).astype(np.float32)
+        first = table["education"].isin(COLLEGE).to_numpy()
+    return np.stack([first, marital], axis=1).astype(np.float32)
 
 
 def load_census_income(
@@ -151,21 +155,8 @@ def load_census_income(
     dropped = set(GROUP_DROPPED[group])
     categorical = [c for c in COLUMNS if c not in dropped and c not in NUMERIC]
     numeric = [c for c in NUMERIC if c not in dropped]
-    train_cols = _columns(train_rows)
-    spec = FeatureSpec.fit(train_cols, categorical, numeric, transforms=LOG1P)
-
-    def encode(cols: dict[str, list]) -> TabularBatch:
-        batch = spec.transform(cols)
-        batch.labels_NT = torch.from_numpy(labels(cols, group))
-        return batch
-
-    return MultiTaskData(
-        train=encode(train_cols),
-        valid=encode(_columns(valid_rows)),
-        test=encode(_columns(test_rows_split)),
-        spec=spec,
-        tasks=GROUPS[group],
-        task_types=("binary",) * len(GROUPS[group]),
-        name=f"census-income group {group}",
-        protocol=protocol,
-    )
+    frames = {"train": frame(train_rows, group), "valid": frame(valid_rows, group),
+              "test": frame(test_rows_split, group)}
+    paths = {"train": train_path or test_path, "valid": test_path, "test": test_path}
+    return multitask_data(frames, paths, GROUPS[group], ("binary",) * len(GROUPS[group]), categorical, numeric,
+                          f"census-income group {group}", protocol, transforms=LOG1P)

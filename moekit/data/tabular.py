@@ -102,6 +102,16 @@ class FeatureSpec:
 
     categorical: list[CategoricalFeature] = field(default_factory=list)
     numeric: list[NumericFeature] = field(default_factory=list)
+    targets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """(mean, std) of each regression task's training labels: the model learns standardised targets,
+    and its outputs are mapped back with these (`unscale`)."""
+
+    def unscale(self, task: str, value):
+        """A model output of `task` in the label's own units (identity for binary tasks)."""
+        if task not in self.targets:
+            return value
+        mean, std = self.targets[task]
+        return value * std + mean
 
     @property
     def vocab_sizes(self) -> tuple[int, ...]:
@@ -171,6 +181,7 @@ class FeatureSpec:
             "categorical": [{"name": f.name, "vocab": list(f.vocab)} for f in self.categorical],
             "numeric": [{"name": f.name, "mean": f.mean, "std": f.std, "transform": f.transform}
                         for f in self.numeric],
+            "targets": {task: list(stats) for task, stats in self.targets.items()},
         }
 
     @classmethod
@@ -180,6 +191,7 @@ class FeatureSpec:
                 [CategoricalFeature(d["name"], tuple(d["vocab"])) for d in data["categorical"]],
                 [NumericFeature(d["name"], float(d["mean"]), float(d["std"]), d.get("transform", "none"))
                  for d in data["numeric"]],
+                {task: (float(m), float(sd)) for task, (m, sd) in data.get("targets", {}).items()},
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"not a feature spec (missing or malformed field {error})") from error

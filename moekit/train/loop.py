@@ -72,6 +72,25 @@ class TrainSettings:
             raise ConfigError(f"train.progress must be true or false (got {self.progress!r})")
 
 
+def run_config_class(name: str, model: type, data: type, train: type, doc: str,
+                     check: Callable[[Any], None] | None = None) -> type:
+    """A family's run config: a dataclass with the sections `model`, `data` and `train` (each defaulting
+    to its class's defaults), documented, and `check(config)` run across sections at construction."""
+    import dataclasses
+    import inspect
+
+    fields = [(section, cls, dataclasses.field(default_factory=cls))
+              for section, cls in (("model", model), ("data", data), ("train", train))]
+    namespace = {"__doc__": doc}
+    if check is not None:
+        namespace["__post_init__"] = lambda self: check(self)
+    cls = dataclasses.make_dataclass(name, fields, namespace=namespace)
+    cls.__module__ = inspect.stack()[1].frame.f_globals["__name__"]
+    from moekit.config import documented
+
+    return documented(cls)
+
+
 # --- seeding and devices --------------------------------------------------------------------
 
 

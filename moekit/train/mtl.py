@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -40,6 +40,7 @@ from moekit.train.loop import (
     optimizer_step,
     progress_bar,
     resolve_device,
+    run_config_class,
     seed_everything,
     set_threads,
 )
@@ -49,32 +50,85 @@ from moekit.train.results import Stopwatch, TrainResult
 from moekit.train.run import Run
 
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
-DATASETS = ("census-income",)
+DATASETS = ("table", "census-income")
 
 
 @documented
 @dataclass
 class MTLDataConfig:
-    """Where the table comes from and how it is split (the `data` section of `moekit train mtl`)."""
+    """Where the table comes from and how it is split (the `data` section of `moekit train mtl`).
 
-    dataset: str = "census-income"
-    """Dataset definition: census-income (UCI Census-Income KDD, the MMoE paper's tasks)."""
+    Your own table: `path` (CSV, TSV or Parquet; .gz allowed), the label columns in `tasks`, and either
+    `valid` and `test` files or a `split`. Feature kinds are inferred when `categorical` / `numeric`
+    are not given, and printed."""
+
+    dataset: str | None = None
+    """'table' (your own file: `path`) or 'census-income' (UCI Census-Income KDD, the MMoE paper's tasks);
+    None: 'table' when `path` is set, else 'census-income'."""
+    path: str | None = None
+    """The training table (or the whole table, cut by `split`)."""
+    valid: str | None = None
+    """A validation table with the same columns (else cut from `path` by `split`)."""
+    test: str | None = None
+    """A test table with the same columns (else cut from `path` by `split`)."""
+    split: tuple[float, ...] = (0.8, 0.1, 0.1)
+    """Train / validation / test fractions of `path` when `valid` and `test` are not given."""
+    tasks: tuple[str, ...] = ()
+    """The label columns, one task each."""
+    task_types: dict[str, str] | None = None
+    """'binary' or 'regression' per task name (default: binary when the labels are all 0/1)."""
+    categorical: tuple[str, ...] | None = None
+    """Categorical feature columns (None: inferred; see `numeric`)."""
+    numeric: tuple[str, ...] | None = None
+    """Numeric feature columns, standardised with training statistics (None: inferred: every cell a
+    number and more than 20 distinct values, or non-integer ones)."""
+    id_column: str | None = None
+    """A column that identifies rows: never a feature; `moekit predict mtl` writes it beside the scores."""
+    drop: tuple[str, ...] = ()
+    """Columns that are neither features nor labels."""
+    delimiter: str | None = None
+    """Delimiter of CSV/TSV files (None: tab for .tsv, else sniffed)."""
     data_dir: str | None = None
-    """Folder with the dataset's files (None: $MOEKIT_DATA/<dataset>, else the 4,000-row sample shipped
-    with moekit)."""
+    """census-income: the folder with its files (None: $MOEKIT_DATA/census-income, else the 4,000-row
+    sample shipped with moekit)."""
     group: int = 1
-    """Census-Income task group: 1 = income + never married, 2 = education + never married."""
+    """census-income task group: 1 = income + never married, 2 = education + never married."""
     split_seed: int = 0
-    """Seed of the train/validation/test split (kept apart from the training seed)."""
+    """Seed of the train/validation/test shuffle (kept apart from the training seed)."""
     max_rows: int | None = None
     """Read only the first rows (quick runs)."""
 
     def __post_init__(self) -> None:
+        if self.dataset is None:
+            self.dataset = "table" if self.path is not None else "census-income"
         check_choice("data.dataset", self.dataset, DATASETS)
         check_choice("data.group", self.group, (1, 2))
         check_int("data.split_seed", self.split_seed, 0)
         if self.max_rows is not None:
             check_int("data.max_rows", self.max_rows, 8)
+        self.split = tuple(self.split)
+        if len(self.split) != 3 or any(not (0 <= f <= 1) for f in self.split) or abs(sum(self.split) - 1) > 1e-6 \
+                or self.split[0] == 0:
+            raise ConfigError(f"data.split must be three fractions train,valid,test summing to 1 (got "
+                              f"{','.join(map(str, self.split))})")
+        if self.dataset == "table":
+            if self.path is None:
+                raise ConfigError("data.dataset='table' needs data.path (--data FILE)")
+            if not self.tasks:
+                raise ConfigError("a table needs its label columns: --tasks click,purchase (data.tasks)")
+            if (self.valid is None) != (self.test is None):
+                raise ConfigError("pass both --valid and --test, or neither (then --split cuts them from --data)")
+            if self.valid is None and min(self.split[1:]) == 0:
+                raise ConfigError(f"data.split={self.split} leaves no validation or test rows")
+        self.tasks = tuple(self.tasks)
+        for task, kind in (self.task_types or {}).items():
+            check_choice(f"data.task_types.{task}", kind, ("binary", "regression"))
+        overlap = set(self.categorical or ()) & set(self.numeric or ())
+        if overlap:
+            raise ConfigError(f"columns listed as both categorical and numeric: {sorted(overlap)}")
+        clash = set(self.tasks) & (set(self.categorical or ()) | set(self.numeric or ()))
+        if clash:
+            raise ConfigError(f"label columns cannot be features: {sorted(clash)}")
 
 
 @documented
@@ -110,22 +164,16 @@ class MTLTrainSettings(TrainSettings):
                 raise ConfigError(f"train.task_weights.{task} must be a number >= 0 (got {weight!r})")
 
 
-@documented
-@dataclass
-class MTLConfig:
-    """Everything one `moekit train mtl` run needs: `model` holds the architecture and its sizes; the
-    features and tasks come from the data."""
+MTLConfig = run_config_class(
+    "MTLConfig", MultiTaskOptions, MTLDataConfig, MTLTrainSettings,
+    "Everything one `moekit train mtl` run needs: `model` (architecture and sizes; the features and tasks "
+    "come from the data), `data` (the table and its split), `train` (optimisation, early stopping, device).")
 
-    model: MultiTaskOptions = field(default_factory=MultiTaskOptions)
-    """Architecture and sizes."""
-    data: MTLDataConfig = field(default_factory=MTLDataConfig)
-    """The table and its split."""
-    train: MTLTrainSettings = field(default_factory=MTLTrainSettings)
-    """Optimisation, early stopping, device."""
 
-    def model_config(self, data: MultiTaskData) -> MultiTaskConfig:
-        return MultiTaskConfig.from_options(self.model, data.spec.vocab_sizes, data.spec.num_numeric,
-                                            tuple(data.tasks), tuple(data.task_types))
+def model_config(config: MTLConfig, data: MultiTaskData) -> MultiTaskConfig:
+    """The model's full config: the options plus the features and tasks of the data."""
+    return MultiTaskConfig.from_options(config.model, data.spec.vocab_sizes, data.spec.num_numeric,
+                                        tuple(data.tasks), tuple(data.task_types))
 
 
 # --- losses ---------------------------------------------------------------------------------
@@ -199,9 +247,11 @@ def predict_logits(model: MultiTaskModel, data: TabularBatch, batch_size: int = 
 
 
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, data: TabularBatch, batch_size: int = 16384) -> dict[str, float]:
+def evaluate(model: MultiTaskModel, data: TabularBatch, batch_size: int = 16384,
+             targets: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
     """Metrics by name over `data`: `<task>/auc` and `<task>/logloss` (binary tasks; AUC from
-    scikit-learn, NaN when the split has one class), `<task>/rmse` and `<task>/mae` (regression)."""
+    scikit-learn, NaN when the split has one class), `<task>/rmse` and `<task>/mae` (regression, in the
+    label's own units: `targets` holds the (mean, std) the labels were standardised with)."""
     logits = predict_logits(model, data, batch_size)
     labels = data.labels_NT.cpu()
     metrics: dict[str, float] = {}
@@ -211,8 +261,9 @@ def evaluate(model: MultiTaskModel, data: TabularBatch, batch_size: int = 16384)
             metrics[f"{task}/auc"] = roc_auc(y_N.numpy(), z_N.numpy())
             metrics[f"{task}/logloss"] = float(F.binary_cross_entropy_with_logits(z_N, y_N))
         else:
-            metrics[f"{task}/rmse"] = float((z_N - y_N).square().mean().sqrt())
-            metrics[f"{task}/mae"] = float((z_N - y_N).abs().mean())
+            std = (targets or {}).get(task, (0.0, 1.0))[1]
+            metrics[f"{task}/rmse"] = float((z_N - y_N).square().mean().sqrt()) * std
+            metrics[f"{task}/mae"] = float((z_N - y_N).abs().mean()) * std
     return metrics
 
 
@@ -241,11 +292,15 @@ def selection_metric(model: MultiTaskModel, valid: TabularBatch) -> tuple[str, s
     return "mean validation loss", "min", list(model.task_types)
 
 
-def selection_score(metrics: dict[str, float], mode: str, tasks: list[str], task_types: dict[str, str]) -> float:
-    """The early-stopping score of `selection_metric` from validation metrics."""
+def selection_score(metrics: dict[str, float], mode: str, tasks: list[str], task_types: dict[str, str],
+                    targets: dict[str, tuple[float, float]] | None = None) -> float:
+    """The early-stopping score of `selection_metric` from validation metrics (regression tasks count
+    by their standardised squared error, so a task's units do not decide)."""
     if mode == "max":
         return float(np.mean([metrics[f"{t}/auc"] for t in tasks]))
-    losses = [metrics[f"{t}/logloss"] if task_types[t] == "binary" else metrics[f"{t}/rmse"] ** 2 for t in tasks]
+    scale = {t: (targets or {}).get(t, (0.0, 1.0))[1] for t in tasks}
+    losses = [metrics[f"{t}/logloss"] if task_types[t] == "binary" else (metrics[f"{t}/rmse"] / scale[t]) ** 2
+              for t in tasks]
     return float(np.mean(losses))
 
 
@@ -282,23 +337,68 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, train: T
 
 
 def resolve_data(config: MTLDataConfig) -> MTLDataConfig:
-    """`config` with `data_dir` made absolute (from --data-dir, $MOEKIT_DATA or the shipped sample),
-    so the run folder names the data wherever it is evaluated from."""
+    """`config` with its files as absolute paths (census: from --data-dir, $MOEKIT_DATA or the shipped
+    sample), so the run folder names the data wherever it is evaluated from."""
     from moekit.data.paths import resolve_data_dir
 
-    return dataclasses.replace(config, data_dir=str(resolve_data_dir(config.data_dir, config.dataset)))
+    if config.dataset == "census-income":
+        return dataclasses.replace(config, data_dir=str(resolve_data_dir(config.data_dir, config.dataset)))
+    absolute = {k: str(Path(v).expanduser().resolve()) for k in ("path", "valid", "test")
+                if (v := getattr(config, k)) is not None}
+    return dataclasses.replace(config, **absolute)
 
 
-def load_data(config: MTLDataConfig) -> MultiTaskData:
-    """The dataset `config` names, split and encoded."""
+def load_data(config: MTLDataConfig, log=print) -> MultiTaskData:
+    """The dataset `config` names, split and encoded (feature kinds inferred and printed when not given)."""
     import warnings
 
-    from moekit.data.census import load_census_income
+    if config.dataset == "census-income":
+        from moekit.data.census import load_census_income
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the test-file-only protocol is named in MultiTaskData.protocol
-        return load_census_income(config.data_dir, group=config.group, split_seed=config.split_seed,
-                                  max_rows=config.max_rows)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the test-file-only protocol is named in MultiTaskData.protocol
+            return load_census_income(config.data_dir, group=config.group, split_seed=config.split_seed,
+                                      max_rows=config.max_rows)
+    return load_table(config, log)
+
+
+def load_table(config: MTLDataConfig, log=print) -> MultiTaskData:
+    """Your own table (see `MTLDataConfig`) through `moekit.data.table.multitask_data`."""
+    from moekit.data.table import infer_feature_kinds, infer_task_type, multitask_data, read_table, split_rows
+
+    named = [*config.tasks, *(c for c in (config.id_column,) if c)]
+    train = read_table(config.path, named, config.delimiter, config.max_rows)
+    if config.valid is not None:
+        frames = {"train": train, "valid": read_table(config.valid, named, config.delimiter, config.max_rows),
+                  "test": read_table(config.test, named, config.delimiter, config.max_rows)}
+        paths = {"train": Path(config.path), "valid": Path(config.valid), "test": Path(config.test)}
+        protocol = (f"train {Path(config.path).name}, validation {Path(config.valid).name}, "
+                    f"test {Path(config.test).name}")
+    else:
+        rows = split_rows(len(train), config.split, config.split_seed)
+        frames = {name: train.iloc[np.sort(index)] for name, index in zip(("train", "valid", "test"), rows,
+                                                                           strict=True)}
+        paths = dict.fromkeys(frames, Path(config.path))
+        protocol = (f"{Path(config.path).name} shuffled (split seed {config.split_seed}) and cut "
+                    f"{'/'.join(f'{f:g}' for f in config.split)} into train/validation/test")
+    listed = (*(config.categorical or ()), *(config.numeric or ()), *config.drop)
+    unknown = [c for c in listed if c not in train.columns]
+    if unknown:
+        raise ConfigError(f"{config.path}: no column {', '.join(map(repr, unknown))}; its columns are "
+                          f"{', '.join(map(repr, train.columns))}")
+    task_types = [(config.task_types or {}).get(t) or infer_task_type(frames["train"], t) for t in config.tasks]
+    excluded = {*config.tasks, *config.drop, *((config.id_column,) if config.id_column else ())}
+    candidates = [c for c in train.columns if c not in excluded]
+    categorical, numeric = list(config.categorical or ()), list(config.numeric or ())
+    if config.categorical is None or config.numeric is None:  # the columns not listed are inferred
+        rest = [c for c in candidates if c not in {*categorical, *numeric}]
+        inferred_cat, inferred_num = infer_feature_kinds(frames["train"], rest)
+        categorical, numeric = categorical + inferred_cat, numeric + inferred_num
+        log(f"feature kinds (inferred where not given): categorical {', '.join(categorical) or '-'}; "
+            f"numeric {', '.join(numeric) or '-'}")
+    log("tasks: " + ", ".join(f"{t} ({k})" for t, k in zip(config.tasks, task_types, strict=True)))
+    return multitask_data(frames, paths, config.tasks, task_types, categorical, numeric, Path(config.path).name,
+                          protocol)
 
 
 def fit(config: MTLConfig, out: str | Path | None = None, *, mode: str = "new", data: MultiTaskData | None = None,
@@ -317,8 +417,8 @@ def fit(config: MTLConfig, out: str | Path | None = None, *, mode: str = "new", 
     generator = seed_everything(settings.seed)
     if data is None:
         config = dataclasses.replace(config, data=resolve_data(config.data))
-        data = load_data(config.data)
-    model = MultiTaskModel(config.model_config(data)).to(device)
+        data = load_data(config.data, log)
+    model = MultiTaskModel(model_config(config, data)).to(device)
     objective = MultiTaskObjective(model, settings).to(device)
     trained = parallel.wrap(objective)
     optimizer = build_optimizer(objective, settings, kind="adam")
@@ -354,8 +454,8 @@ def fit(config: MTLConfig, out: str | Path | None = None, *, mode: str = "new", 
             seconds = time.perf_counter() - start
             step += steps
             session_rows += len(train)
-            val = evaluate(model, valid, settings.eval_batch_size)
-            score = selection_score(val, metric_mode, metric_tasks, model.task_types)
+            val = evaluate(model, valid, settings.eval_batch_size, data.spec.targets)
+            score = selection_score(val, metric_mode, metric_tasks, model.task_types, data.spec.targets)
             if stopper.update(epoch, score, model):
                 run.save_model(model)
             row = {"epoch": epoch, "step": step, "train_loss": train_loss,
@@ -370,8 +470,8 @@ def fit(config: MTLConfig, out: str | Path | None = None, *, mode: str = "new", 
                 break
         stopper.restore(model)
         run.save_model(model)
-        test = evaluate(model, data.test.to(device), settings.eval_batch_size)
-        valid_best = evaluate(model, valid, settings.eval_batch_size)
+        test = evaluate(model, data.test.to(device), settings.eval_batch_size, data.spec.targets)
+        valid_best = evaluate(model, valid, settings.eval_batch_size, data.spec.targets)
         extra = {"data": data.name, "protocol": data.protocol, "tasks": list(data.tasks),
                  "task_types": list(data.task_types), "architecture": config.model.architecture,
                  "selection": metric, "rows": {"train": len(data.train), "valid": len(data.valid),
@@ -419,7 +519,17 @@ def load_run(path: Path, device: str = "cpu"):
     spec_path = Path(path) / "feature_spec.json"
     spec = FeatureSpec.from_dict(_read_json(spec_path)) if spec_path.is_file() else None
     config = config_from_run(header) if "train" in header else None
-    return LoadedRun("mtl", model, Path(path), config, {"feature_spec": spec})
+    id_column = config.data.id_column if config is not None else None
+
+    def predict(rows, id_column: str | None = id_column):
+        """Scores of a DataFrame (or a table file's path) with this model: a DataFrame, a column per task."""
+        from moekit.data.table import read_table
+
+        frame = read_table(rows) if isinstance(rows, str | Path) else rows
+        return predict_frame(model, spec, frame, rows if isinstance(rows, str | Path) else "<rows>",
+                             id_column if id_column in frame.columns else None)
+
+    return LoadedRun("mtl", model, Path(path), config, {"feature_spec": spec, "predict": predict})
 
 
 def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = None) -> dict[str, float]:
@@ -436,7 +546,62 @@ def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = 
         raise ValueError(f"the data in {data_config.data_dir} encodes differently from the run's feature spec "
                          f"({Path(path) / 'feature_spec.json'}): is it the data the run was trained on?")
     device_ = next(loaded.model.parameters()).device
-    return evaluate(loaded.model, data.test.to(device_), loaded.config.train.eval_batch_size)
+    return evaluate(loaded.model, data.test.to(device_), loaded.config.train.eval_batch_size, data.spec.targets)
+
+
+@torch.no_grad()
+def predict_frame(model: MultiTaskModel, spec, frame, source: str | Path = "<rows>",
+                  id_column: str | None = None):
+    """Scores of the rows of a DataFrame: one column per task (the probability of a binary task, the
+    value of a regression task in its own units), after `id_column` when given. Unseen categories
+    map to the out-of-vocabulary index of `spec`; a missing or malformed feature column names itself."""
+    import pandas as pd
+
+    from moekit.data.table import columns_of, require_columns
+
+    source = Path(source)
+    require_columns(frame, [*spec.names, *((id_column,) if id_column else ())], source)
+    batch = spec.transform(columns_of(frame, spec.names, [f.name for f in spec.numeric], source))
+    device = next(model.parameters()).device
+    logits = predict_logits(model, batch.to(device))
+    out = pd.DataFrame({id_column: frame[id_column].to_numpy()}) if id_column else pd.DataFrame(index=range(len(frame)))
+    for task, kind in model.task_types.items():
+        z = logits[task].cpu().double().numpy()
+        out[task] = 1 / (1 + np.exp(-z)) if kind == "binary" else spec.unscale(task, z)
+    return out
+
+
+def predict_file(model: MultiTaskModel, spec, path: str | Path, out: str | Path, id_column: str | None = None,
+                 chunk_rows: int = 100_000, delimiter: str | None = None, progress: bool = False) -> int:
+    """Score a table file chunk by chunk into the CSV `out` (written to a temporary file and renamed at
+    the end, so a failure leaves nothing half-written); memory stays flat in the file's length.
+    Returns the rows scored."""
+    import os
+    import tempfile
+
+    from moekit.data.table import iter_table
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    rows = 0
+    bar = progress_bar(progress, unit="row", desc="scoring", unit_scale=True)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            for chunk in iter_table(path, chunk_rows, spec.names, delimiter):
+                scores = predict_frame(model, spec, chunk, path, id_column)
+                scores.to_csv(f, index=False, header=rows == 0, float_format="%.6g")
+                rows += len(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    return rows
 
 
 def _read_json(path: Path) -> dict:

@@ -27,6 +27,7 @@ from moekit.train.loop import (
     optimizer_step,
     progress_bar,
     resolve_device,
+    run_config_class,
     seed_everything,
     set_threads,
 )
@@ -199,17 +200,10 @@ class TwoTowerTrainSettings(TrainSettings):
             check_int("train.ks", k, 1)
 
 
-@documented
-@dataclass
-class TwoTowerRunConfig:
-    """Everything one `moekit train two-tower` run needs."""
-
-    model: TwoTowerOptions = field(default_factory=TwoTowerOptions)
-    """Architecture and sizes."""
-    data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
-    """The interactions and the held-out split."""
-    train: TwoTowerTrainSettings = field(default_factory=TwoTowerTrainSettings)
-    """Optimisation."""
+TwoTowerRunConfig = run_config_class(
+    "TwoTowerRunConfig", TwoTowerOptions, RetrievalDataConfig, TwoTowerTrainSettings,
+    "Everything one `moekit train two-tower` run needs: `model` (the towers), `data` (the interactions "
+    "and the held-out split), `train` (optimisation).")
 
 
 def resolve_data(config: RetrievalDataConfig) -> RetrievalDataConfig:

@@ -19,7 +19,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -39,6 +39,7 @@ from moekit.train.loop import (
     optimizer_step,
     progress_bar,
     resolve_device,
+    run_config_class,
     seed_everything,
     set_threads,
 )
@@ -172,22 +173,17 @@ class SeqRecTrainSettings(TrainSettings):
             check_int("train.valid_users", self.valid_users, 1)
 
 
-@documented
-@dataclass
-class SeqRecConfig:
-    """Everything one `moekit train seqrec` run needs."""
+def _check_sections(config) -> None:
+    if config.model.head_mixing == "probability" and config.train.loss == "bce" and \
+            config.model.architecture == "fame":
+        raise ConfigError("model.head_mixing='probability' needs train.loss='ce' (sampled negatives have no "
+                          "full softmax per head); use head_mixing='logits' with loss='bce'")
 
-    model: SeqRecModelOptions = field(default_factory=SeqRecModelOptions)
-    """Architecture and sizes."""
-    data: SequenceDataConfig = field(default_factory=SequenceDataConfig)
-    """The interaction sequences."""
-    train: SeqRecTrainSettings = field(default_factory=SeqRecTrainSettings)
-    """Optimisation, early stopping, evaluation protocol."""
 
-    def __post_init__(self) -> None:
-        if self.model.head_mixing == "probability" and self.train.loss == "bce" and self.model.architecture == "fame":
-            raise ConfigError("model.head_mixing='probability' needs train.loss='ce' (sampled negatives have no "
-                              "full softmax per head); use head_mixing='logits' with loss='bce'")
+SeqRecConfig = run_config_class(
+    "SeqRecConfig", SeqRecModelOptions, SequenceDataConfig, SeqRecTrainSettings,
+    "Everything one `moekit train seqrec` run needs: `model` (architecture and sizes), `data` (the "
+    "interaction sequences), `train` (optimisation, early stopping, evaluation protocol).", _check_sections)
 
 
 def training_windows(train: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
