@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,10 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moekit.data.census import load_census_income  # noqa: E402
 from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.models.multitask import MultiTaskOptions  # noqa: E402
-from moekit.train.mtl import MTLTrainConfig, fit_one, gate_table, plot_gate_heatmap  # noqa: E402
+from moekit.plots import gate_heatmap  # noqa: E402
+from moekit.train.mtl import MTLConfig, MTLDataConfig, MTLTrainSettings, fit, gate_table, load_data  # noqa: E402
+from moekit.train.results import TrainResult  # noqa: E402
 
 MOEKIT_MODELS = ("shared_bottom", "omoe", "mmoe", "ple")
 RECHUB_MODELS = ("mmoe", "ple")
@@ -46,20 +46,40 @@ PUBLISHED = """\
 """
 
 
-def base_config(args) -> MTLTrainConfig:
+def base_config(args) -> MTLConfig:
     # One architecture size for every library (see the protocol section of the report).
-    return MTLTrainConfig(
-        data_dir=args.data_dir, epochs=args.epochs, patience=args.patience, batch_size=1024, lr=args.lr,
+    return MTLConfig(
         model=MultiTaskOptions(embed_dim=4, num_experts=8, expert_hidden=32, expert_dim=16, tower_widths=(16,),
                                num_specific_experts=2, num_shared_experts=4, num_levels=2, bottom_widths=(64, 16)),
-        threads=1, progress=False,
+        data=MTLDataConfig(data_dir=args.data_dir),
+        train=MTLTrainSettings(epochs=args.epochs, patience=args.patience, batch_size=1024, lr=args.lr, threads=1,
+                               progress=False),
     )
+
+
+def run_record(result: TrainResult, seed: int, tasks) -> dict:
+    """What mtl.json keeps of one moekit run (the same keys torch-rechub's runs have, and the gates)."""
+    record = {
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "val_auc": {t: result.valid[f"{t}/auc"] for t in tasks},
+        "test_auc": {t: result.test[f"{t}/auc"] for t in tasks},
+        "test_loss": {t: result.test[f"{t}/logloss"] for t in tasks},
+        "gates": result.extra["gates"],
+        "expert_names": result.extra["expert_names"],
+        "train_samples_per_s": result.extra["train_samples_per_s"],
+        "history": result.history,
+    }
+    if "log_variances" in result.extra:
+        record["log_variances"] = result.extra["log_variances"]
+    return record
 
 
 # ------------------------------------------------------------------------------ torch-rechub adapter
 
 
-def rechub_run(model_name: str, data, cfg: MTLTrainConfig, seed: int, log) -> dict:
+def rechub_run(model_name: str, data, cfg: MTLConfig, seed: int, log) -> dict:
     """Train torch-rechub's MMOE or PLE with its MTLTrainer on our split; returns test AUC per task."""
     from torch_rechub.basic.features import DenseFeature, SparseFeature
     from torch_rechub.models.multi_task import MMOE, PLE
@@ -93,10 +113,10 @@ def rechub_run(model_name: str, data, cfg: MTLTrainConfig, seed: int, log) -> di
     x_val, y_val = as_dict(data.valid)
     x_test, y_test = as_dict(data.test)
     loaders = DataGenerator(x_train, y_train).generate_dataloader(
-        x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test, batch_size=cfg.batch_size)
+        x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test, batch_size=cfg.train.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = MTLTrainer(model, task_types=types, optimizer_params={"lr": cfg.lr, "weight_decay": 0.0},
-                             n_epoch=cfg.epochs, earlystop_patience=cfg.patience, device="cpu",
+        trainer = MTLTrainer(model, task_types=types, optimizer_params={"lr": cfg.train.lr, "weight_decay": 0.0},
+                             n_epoch=cfg.train.epochs, earlystop_patience=cfg.train.patience, device="cpu",
                              model_path=tmp)
         start = time.perf_counter()
         history = trainer.fit(loaders[0], loaders[1])
@@ -250,7 +270,6 @@ def main() -> int:
     out_dir = Path(args.out_dir)
     raw_path = out_dir / "mtl.json"
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="census-income: census-income.data not found")
     results = {"groups": {}}
     if args.resume and raw_path.is_file():
         import json
@@ -266,7 +285,8 @@ def main() -> int:
 
     quiet = lambda msg: None  # noqa: E731 (per-epoch tables go to mtl.json, not the log)
     for group in args.groups:
-        data = load_census_income(args.data_dir, group=group, split_seed=0)
+        group_cfg = replace(cfg, data=replace(cfg.data, group=group))
+        data = load_data(group_cfg.data)
         results["protocol"] = data.protocol
         g = results["groups"].setdefault(str(group), {"tasks": list(data.tasks), "moekit": {}, "rechub": {}})
         for seed in range(args.seeds):
@@ -275,8 +295,9 @@ def main() -> int:
                 if any(r["seed"] == seed for r in runs):
                     continue
                 start = time.perf_counter()
-                run_cfg = replace(cfg, model=replace(cfg.model, architecture=name), group=group)
-                _, run = fit_one(run_cfg, data, seed, quiet)
+                run_cfg = replace(group_cfg, model=replace(cfg.model, architecture=name),
+                                  train=replace(cfg.train, seed=seed))
+                run = run_record(fit(run_cfg, data=data, log=quiet), seed, data.tasks)
                 run["seconds"] = time.perf_counter() - start
                 runs.append(run)
                 log(f"group {group} moekit {name} seed {seed}: test AUC "
@@ -290,7 +311,7 @@ def main() -> int:
                 runs = g["rechub"].setdefault(name, [])
                 if any(r["seed"] == seed for r in runs):
                     continue
-                runs.append(rechub_run(name, data, replace(cfg, group=group), seed, log))
+                runs.append(rechub_run(name, data, group_cfg, seed, log))
                 atomic_write_json(raw_path, results)
         write_report(results, args, out_dir)
     g1 = results["groups"].get("1")
@@ -298,8 +319,8 @@ def main() -> int:
         panels = {f"moekit {name}": (g1["moekit"][name][0]["gates"],
                                      g1["moekit"][name][0]["expert_names"])
                   for name in ("omoe", "mmoe", "ple") if g1["moekit"].get(name)}
-        plot_gate_heatmap(panels, out_dir / "mtl_gates.png",
-                          "Census-Income group 1 (test-file-only split): mean gate weight per expert, seed 0")
+        gate_heatmap(panels, out_dir / "mtl_gates.png",
+                     "Census-Income group 1 (test-file-only split): mean gate weight per expert, seed 0")
     write_report(results, args, out_dir)
     log(f"wrote {out_dir / 'mtl.md'}")
     return 0
