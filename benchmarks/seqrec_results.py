@@ -10,6 +10,7 @@ cross-entropy by default); early stopping on validation NDCG@10; mean ± std ove
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,9 +24,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moekit.data.sequences import DATASETS, dataset_folder, load_sequences  # noqa: E402
-from moekit.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
-from moekit.train.seqrec import SeqRecTrainConfig, head_gate_by_category, train  # noqa: E402
+from moekit.config import config_dict  # noqa: E402
+from moekit.data.sequences import DATASETS, dataset_folder  # noqa: E402
+from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
+from moekit.train.results import TrainResult  # noqa: E402
+from moekit.train.seqrec import (  # noqa: E402
+    SeqRecConfig,
+    SeqRecModelOptions,
+    SeqRecTrainSettings,
+    SequenceDataConfig,
+    fit,
+    head_gate_by_category,
+    load_data,
+)
 
 # Published full-ranking numbers on this exact Beauty file (leave-one-out, all items).
 PUBLISHED_BEAUTY = [
@@ -34,6 +45,42 @@ PUBLISHED_BEAUTY = [
     ("ICLRec released checkpoint", {"HR@10": 0.0744, "NDCG@10": 0.0403}),
 ]
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
+
+
+SECTIONS = {"model": SeqRecModelOptions, "data": SequenceDataConfig, "train": SeqRecTrainSettings}
+
+
+def seqrec_config(**flat) -> SeqRecConfig:
+    """A run config from flat keys (`hidden=128, lr=1e-3, dataset='beauty'`), each put into the section
+    that has it; `model` names the architecture, as in the results JSON. Keys not given keep `moekit
+    train seqrec`'s defaults."""
+    flat = dict(flat)
+    if "model" in flat:
+        flat["architecture"] = flat.pop("model")
+    sections: dict[str, dict] = {name: {} for name in SECTIONS}
+    for key, value in flat.items():
+        owners = [name for name, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if len(owners) != 1:
+            raise ValueError(f"no single config section has the key {key!r}")
+        sections[owners[0]][key] = value
+    return SeqRecConfig(**{name: cls(**sections[name]) for name, cls in SECTIONS.items()})
+
+
+def flat_config(config: SeqRecConfig) -> dict:
+    """The results JSON's `config`: every key of every section in one dict, `model` the architecture and
+    `num_heads` resolved (what `seqrec_config` reads back)."""
+    flat = {key: value for name in SECTIONS for key, value in config_dict(getattr(config, name)).items()}
+    flat["model"] = flat.pop("architecture")
+    flat["num_heads"] = config.model.heads
+    return flat
+
+
+def run_record(config: SeqRecConfig, result: TrainResult) -> dict:
+    """What the results JSON keeps of one run (no tensors)."""
+    return {"config": flat_config(config), "data": result.extra["data"], "protocol": result.extra["protocol"],
+            "epochs_run": len(result.history), "best_epoch": result.best_epoch,
+            "train_seconds": result.train_seconds, "valid": result.valid, "test": result.test,
+            "history": result.history}
 
 
 def _git_commit() -> str:
@@ -73,27 +120,14 @@ def _table(rows: dict[str, list[dict]], published) -> str:
 
 
 def _heatmap(names, table, counts, title: str, path: Path) -> None:
-    import io
+    from moekit.plots import annotated_heatmap, pyplot, save_png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2 + 1.1 * table.shape[1], 1.2 + 0.32 * len(names)))
-    im = ax.imshow(table, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(table.shape[1]), [f"head {h}" for h in range(table.shape[1])])
-    ax.set_yticks(range(len(names)), [f"{n} ({c})" for n, c in zip(names, counts, strict=True)])
-    for i in range(table.shape[0]):
-        for j in range(table.shape[1]):
-            ax.text(j, i, f"{table[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax, label="mean gate weight")
+    fig, ax = pyplot().subplots(figsize=(4.2 + 1.1 * table.shape[1], 1.2 + 0.32 * len(names)))
+    annotated_heatmap(ax, table, [f"{n} ({c})" for n, c in zip(names, counts, strict=True)],
+                      [f"head {h}" for h in range(table.shape[1])], colorbar_label="mean gate weight",
+                      fmt="{:.3f}")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def run_side_by_side(fn: Callable, jobs: list[tuple], workers: int, slow_first: Callable) -> list:
@@ -115,13 +149,13 @@ def run_side_by_side(fn: Callable, jobs: list[tuple], workers: int, slow_first: 
 
 def run_job(args: argparse.Namespace, dataset: str, model: str, seed: int, epochs: int):
     """Train one (dataset, model, seed): (result without tensors, FAME facets for the first seed or None)."""
-    data = load_sequences(dataset, Path(args.data_dir) / dataset_folder(dataset))
     # Training settings not given on the command line stay `moekit train seqrec`'s defaults.
     given = {name: getattr(args, name) for name in ("lr", "lr_decay", "batch_size") if getattr(args, name) is not None}
     if args.dropout is not None:
         given.update(dropout=args.dropout, attn_dropout=args.dropout)
-    cfg = SeqRecTrainConfig(
+    cfg = seqrec_config(
         dataset=dataset,
+        data_dir=str(Path(args.data_dir) / dataset_folder(dataset)),
         model=model,
         loss=args.loss,
         epochs=epochs,
@@ -132,20 +166,18 @@ def run_job(args: argparse.Namespace, dataset: str, model: str, seed: int, epoch
         progress=args.workers == 1,
         **given,
     )
-    result = train(cfg, data)
+    data = load_data(cfg.data)
+    result = fit(cfg, data=data)
     print(
-        f"{dataset} {model} seed {seed}: test HR@10 {result['test']['HR@10']:.4f} "
-        f"NDCG@10 {result['test']['NDCG@10']:.4f} ({result['epochs_run']} epochs, "
-        f"best {result['best_epoch']}, {result['train_seconds']:.0f} s)",
+        f"{dataset} {model} seed {seed}: test HR@10 {result.test['HR@10']:.4f} "
+        f"NDCG@10 {result.test['NDCG@10']:.4f} ({len(result.history)} epochs, "
+        f"best {result.best_epoch}, {result.train_seconds:.0f} s)",
         flush=True,
     )
     facet = None
     if model == "fame" and seed == args.seeds[0]:
-        facet = head_gate_by_category(result["model"], result["split"], data)
-    for key in ("model", "split", "test_ranks"):
-        result.pop(key)
-    result["summary"] = data.summary()
-    return result, facet
+        facet = head_gate_by_category(result.model, result.extra["split"], data)
+    return {**run_record(cfg, result), "summary": data.summary()}, facet
 
 
 def main(argv=None) -> int:
