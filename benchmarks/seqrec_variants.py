@@ -32,8 +32,8 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.seqrec_results import _git_commit, run_side_by_side  # noqa: E402
-from moekit.data.sequences import dataset_folder, load_sequences  # noqa: E402
+from benchmarks.seqrec_results import _git_commit, run_record, run_side_by_side, seqrec_config  # noqa: E402
+from moekit.data.sequences import dataset_folder  # noqa: E402
 from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
 from moekit.layers.experts import FeedForward  # noqa: E402
 from moekit.models.sequential import (  # noqa: E402
@@ -46,7 +46,7 @@ from moekit.models.sequential import (  # noqa: E402
     attention_mask,
 )  # noqa: E402
 from moekit.models.sequential import build_model as default_model  # noqa: E402
-from moekit.train.seqrec import SeqRecTrainConfig, train  # noqa: E402
+from moekit.train.seqrec import fit, load_data  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Model variants that are not options of moekit's SASRec (each tried once, none kept)
@@ -164,7 +164,7 @@ class SharedFFNFAME(MeanHeadsFAME):
 class Variant:
     name: str
     change: str  # what differs from the default, in words
-    overrides: dict = field(default_factory=dict)  # SeqRecTrainConfig fields
+    overrides: dict = field(default_factory=dict)  # run config keys, flat (see seqrec_config)
     model_class: type[SASRec] | None = None  # None: moekit's SASRec/FAME
     reference: str | None = None  # the row its Δ is taken against; None: its model's default row
 
@@ -260,18 +260,16 @@ def model_factory(variant: Variant) -> Callable[[str, SASRecConfig], SASRec]:
 
 def run_variant(name: str, data_dir: str, epochs: int, patience: int, threads: int, seed: int) -> dict:
     variant = BY_NAME[name]
-    data = load_sequences("beauty", Path(data_dir) / dataset_folder("beauty"))
     settings = {"epochs": epochs, "patience": patience, "valid_users": 3000, **BASELINE, **variant.overrides}
-    cfg = SeqRecTrainConfig(dataset="beauty", threads=threads, seed=seed, progress=False, **settings)
-    result = train(cfg, data, model_factory(variant))
-    print(f"{name}: test HR@10 {result['test']['HR@10']:.4f} NDCG@10 {result['test']['NDCG@10']:.4f} "
-          f"({result['epochs_run']} epochs, best {result['best_epoch']}, {result['train_seconds']:.0f} s)",
-          flush=True)
-    best_valid = max(h["valid"]["NDCG@10"] for h in result["history"])
-    return {"variant": name, "change": variant.change, "config": dataclasses.asdict(cfg),
-            "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
-            "best_valid_ndcg10_subset": best_valid, "test": result["test"],
-            "train_seconds": result["train_seconds"]}
+    cfg = seqrec_config(dataset="beauty", data_dir=str(Path(data_dir) / dataset_folder("beauty")), threads=threads,
+                        seed=seed, progress=False, **settings)
+    result = fit(cfg, data=load_data(cfg.data), model_factory=model_factory(variant))
+    record = run_record(cfg, result)
+    print(f"{name}: test HR@10 {result.test['HR@10']:.4f} NDCG@10 {result.test['NDCG@10']:.4f} "
+          f"({record['epochs_run']} epochs, best {result.best_epoch}, {result.train_seconds:.0f} s)", flush=True)
+    best_valid = max(h["valid NDCG@10"] for h in result.history)
+    return {"variant": name, "change": variant.change, "best_valid_ndcg10_subset": best_valid,
+            **{key: record[key] for key in ("config", "epochs_run", "best_epoch", "test", "train_seconds")}}
 
 
 def _read(path: Path) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "train SASRec or FAME for next-item recommendation (Beauty, MovieLens) and report test HR/NDCG/MRR"
+HELP = ("train SASRec or FAME for next-item recommendation on your interactions (--data FILE) or Beauty / "
+        "MovieLens, and report test HR/NDCG/MRR")
 TUNE_MALLOC = True  # see moekit.cli.MALLOC_TUNABLES
 
 
@@ -13,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moekit.train.seqrec import SeqRecConfig
 
     add_train_arguments(parser, SeqRecConfig, "seqrec",
-                        aliases={"model": "model.architecture", "eval": "train.eval_protocol"})
+                        aliases={"model": "model.architecture", "eval": "train.eval_protocol", "data": "data.path"})
 
 
 def run(args: argparse.Namespace) -> int:

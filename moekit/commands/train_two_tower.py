@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "train a two-tower retrieval model (MLP or MoE towers) on MovieLens"
+HELP = "train a two-tower retrieval model (MLP or MoE towers) on your interactions (--data FILE) or MovieLens"
 TUNE_MALLOC = True  # see moekit.cli.MALLOC_TUNABLES
 
 
@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moekit.commands.shared import add_train_arguments
     from moekit.train.retrieval import TwoTowerRunConfig
 
-    add_train_arguments(parser, TwoTowerRunConfig, "two-tower")
+    add_train_arguments(parser, TwoTowerRunConfig, "two-tower", aliases={"data": "data.path"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,11 +17,12 @@ Harper & Konstan, "The MovieLens Datasets: History and Context", ACM TiiS 5(4), 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from moekit.data.interactions import ItemMetadata, Ratings
 from moekit.data.paths import find_file, open_text, resolve_data_dir
 
 URLS = {
@@ -71,6 +72,8 @@ class MovieLens:
     occupation: np.ndarray
     """(U,) int64 index into `occupations`."""
     occupations: list[str]
+    genre_names: list[str] = field(default_factory=lambda: list(GENRES))
+    """Names of the genre flags (MovieLens's genres, or the categories of your own items file)."""
 
     @property
     def num_users(self) -> int:
@@ -80,13 +83,33 @@ class MovieLens:
     def num_items(self) -> int:
         return len(self.item_ids)
 
-    def user_index(self, raw_user_id: int) -> int:
-        """The 0-based index of a raw user id, with a clear error for an unknown one."""
-        hits = np.flatnonzero(self.user_ids == raw_user_id)
+    def user_index(self, raw_user_id: int | str) -> int:
+        """The 0-based index of a raw user id (as the file spells it), with a clear error for an unknown one."""
+        hits = np.flatnonzero(self.user_ids.astype(str) == str(raw_user_id))
         if hits.size == 0:
             lo, hi = self.user_ids.min(), self.user_ids.max()
             raise ValueError(f"{self.name}: unknown user id {raw_user_id} (ids run {lo}..{hi})")
         return int(hits[0])
+
+
+def from_interactions(ratings: Ratings, meta: ItemMetadata, name: str) -> MovieLens:
+    """Your own log as the arrays retrieval reads: ids numbered 0.. in sorted order; each item's
+    categories (or tags) as its genre flags; release years and user features unknown (zeros)."""
+    user_ids, user = np.unique(ratings.user, return_inverse=True)
+    item_ids, item = np.unique(ratings.item, return_inverse=True)
+    categories = sorted({c for tags in meta.categories.values() for c in tags}) or ["none"]
+    column = {c: j for j, c in enumerate(categories)}
+    genres = np.zeros((len(item_ids), len(categories)), dtype=bool)
+    for i, raw in enumerate(item_ids.tolist()):
+        for tag in meta.categories.get(str(raw), ()):
+            genres[i, column[tag]] = True
+    zeros_U = np.zeros(len(user_ids), dtype=np.int64)
+    return MovieLens(name=name, user=user.astype(np.int64), item=item.astype(np.int64), rating=ratings.rating,
+                     timestamp=ratings.timestamp, item_ids=item_ids,
+                     titles=[meta.titles.get(str(raw), str(raw)) for raw in item_ids.tolist()],
+                     years=np.zeros(len(item_ids), dtype=np.int64), genres=genres, user_ids=user_ids,
+                     gender=zeros_U, age_group=zeros_U.copy(), occupation=zeros_U.copy(), occupations=["unknown"],
+                     genre_names=categories)
 
 
 def _fields(path: Path, sep: str, count: int, encoding: str = "latin-1"):

@@ -17,29 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
+from moekit.data.interactions import InteractionsConfig, ItemMetadata, Ratings
 from moekit.data.movielens import GENRES, movielens_file, read_movies, read_ratings
 from moekit.data.paths import find_file, open_text, resolve_data_dir
 
 BEAUTY_URL = "https://github.com/RUCAIBox/CIKM2020-S3Rec/tree/master/data (Beauty.txt)"
-DATASETS = ("beauty", "ml-100k", "ml-1m")
+DATASETS = ("interactions", "beauty", "ml-100k", "ml-1m")
 _FOLDERS = {"beauty": "amazon-beauty", "ml-100k": "ml-100k", "ml-1m": "ml-1m"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Interactions
-
-
-@dataclass
-class Ratings:
-    """One row per interaction, in file order. Ids are the dataset's own (1-based for MovieLens)."""
-
-    user: np.ndarray  # int64 (N,)
-    item: np.ndarray  # int64 (N,)
-    rating: np.ndarray  # float32 (N,)
-    timestamp: np.ndarray  # int64 (N,), seconds since the epoch
-
-    def __len__(self) -> int:
-        return len(self.user)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +107,23 @@ def sequences_from_ratings(ratings: Ratings, *, min_rating: float | None = None,
     bounds = list(starts[1:]) + [len(users_sorted)]
     sequences = [item_ids[a:b].tolist() for a, b in zip(starts, bounds, strict=True)]
     return SequenceDataset(name, sequences, len(raw_items), raw_users.tolist(), [-1] + raw_items.tolist())
+
+
+def attach_item_metadata(data: SequenceDataset, meta: ItemMetadata) -> SequenceDataset:
+    """Titles and categories from a user's item file, by raw item id, onto the remapped items."""
+    for i, raw in enumerate(data.raw_item_ids[1:], 1):
+        if str(raw) in meta.titles:
+            data.item_titles[i] = meta.titles[str(raw)]
+        if str(raw) in meta.categories:
+            data.item_categories[i] = meta.categories[str(raw)]
+    return data
+
+
+def load_interactions(config: InteractionsConfig, core: int = 0) -> SequenceDataset:
+    """Sequences from your own log (`InteractionsConfig`), k-core filtered when `core` > 1."""
+    ratings, meta = config.read()
+    data = sequences_from_ratings(ratings, core=core, name=Path(config.path).name)
+    return attach_item_metadata(data, meta)
 
 
 def load_beauty(data_dir: str | os.PathLike | None = None, core: int = 0) -> SequenceDataset:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from moekit.config import ConfigError, check_choice, check_int, config_dict, documented
-from moekit.data.movielens import MovieLens, leave_last_out, load_movielens, user_sequences
+from moekit.data.interactions import InteractionsConfig
+from moekit.data.movielens import MovieLens, from_interactions, leave_last_out, load_movielens, user_sequences
 from moekit.models.two_tower import TwoTower, TwoTowerConfig, TwoTowerOptions, in_batch_softmax_loss
 from moekit.train.loop import (
     RNGState,
@@ -156,19 +157,26 @@ def model_config(options: TwoTowerOptions, ml: MovieLens) -> TwoTowerConfig:
 
 @documented
 @dataclass
-class RetrievalDataConfig:
-    """Which interactions to train on and which to hold out (the `data` section)."""
+class RetrievalDataConfig(InteractionsConfig):
+    """Which interactions to train on and which to hold out (the `data` section): your own log (`path`,
+    its column names, an optional items file whose categories become the item tower's tags) or
+    MovieLens by name."""
 
-    dataset: str = "ml-100k"
-    """ml-100k or ml-1m (MovieLens)."""
+    dataset: str | None = None
+    """'interactions' (your log: `path`), 'ml-100k' or 'ml-1m' (MovieLens, with genres, years and user
+    demographics); None: 'interactions' when `path` is set, else 'ml-100k'."""
     data_dir: str | None = None
-    """The dataset's folder (None: $MOEKIT_DATA/<dataset>)."""
+    """MovieLens's folder (None: $MOEKIT_DATA/<dataset>)."""
     split: str = "test"
-    """Evaluate on each user's last rating ('test') or the one before it ('valid', the last dropped)."""
+    """Evaluate on each user's last interaction ('test') or the one before it ('valid', the last dropped)."""
 
     def __post_init__(self) -> None:
-        check_choice("data.dataset", self.dataset, ("ml-100k", "ml-1m"))
+        if self.dataset is None:
+            self.dataset = "interactions" if self.path is not None else "ml-100k"
+        check_choice("data.dataset", self.dataset, ("interactions", "ml-100k", "ml-1m"))
         check_choice("data.split", self.split, ("test", "valid"))
+        if self.dataset == "interactions" and self.path is None:
+            raise ConfigError("data.dataset='interactions' needs data.path (--data FILE)")
 
 
 @documented
@@ -207,10 +215,25 @@ TwoTowerRunConfig = run_config_class(
 
 
 def resolve_data(config: RetrievalDataConfig) -> RetrievalDataConfig:
-    """`config` with `data_dir` made absolute, so the run folder names the data from anywhere."""
+    """`config` with its files and folders made absolute, so the run folder names the data from anywhere."""
     from moekit.data.paths import resolve_data_dir
 
+    if config.dataset == "interactions":
+        return dataclasses.replace(config, **config.absolute())
     return dataclasses.replace(config, data_dir=str(resolve_data_dir(config.data_dir, config.dataset)))
+
+
+def load_interactions(config: RetrievalDataConfig, data_dir: str | None = None) -> MovieLens:
+    """The interactions `config` names, as retrieval reads them (MovieLens, or your log)."""
+    if config.dataset == "interactions":
+        ratings, meta = config.read()
+        return from_interactions(ratings, meta, Path(config.path).name)
+    ml = load_movielens(data_dir or config.data_dir, config.dataset)
+    if config.min_rating is not None:
+        keep = ml.rating >= config.min_rating
+        ml = dataclasses.replace(ml, user=ml.user[keep], item=ml.item[keep], rating=ml.rating[keep],
+                                 timestamp=ml.timestamp[keep])
+    return ml
 
 
 def check_cutoffs(ks: tuple[int, ...], data: RetrievalData) -> None:
@@ -267,7 +290,7 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
     gen = seed_everything(settings.seed)
     if ml is None:
         config = dataclasses.replace(config, data=resolve_data(config.data))
-        ml = load_movielens(config.data.data_dir, config.data.dataset)
+        ml = load_interactions(config.data)
     model_cfg = model_config(options, ml)
     if data is None:
         data = prepare_retrieval_data(ml, config.data.split, model_cfg.history_len, model_cfg.num_year_buckets)
@@ -290,7 +313,7 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
     with run:
         run.write_config(model, {"data": config_dict(config.data), "train": config_dict(settings)},
                          settings.RUNTIME_KEYS)
-        run.write_artifact("items.json", {"dataset": ml.name, "raw_item_ids": [int(i) for i in ml.item_ids],
+        run.write_artifact("items.json", {"dataset": ml.name, "raw_item_ids": ml.item_ids.tolist(),
                                           "titles": list(ml.titles)})
         done, step = 0, 0
         if mode == "resume":
@@ -375,12 +398,13 @@ def load_run_data(loaded, data_dir: str | None = None) -> tuple[MovieLens, Retri
     if loaded.config is None:
         raise ValueError(f"{loaded.path} holds a model without its data config")
     data_config = loaded.config.data
-    folder = data_dir or data_config.data_dir
-    ml = load_movielens(folder, data_config.dataset)
+    if data_dir is not None and data_config.dataset == "interactions":
+        data_config = dataclasses.replace(data_config, path=str(data_dir))
+    ml = load_interactions(data_config, data_dir)
     model = loaded.model
     if ml.num_items != model.config.num_items or ml.num_users != model.config.num_users:
-        raise ValueError(f"{ml.name} at {folder} has {ml.num_users} users and {ml.num_items} movies; the run "
-                         f"was trained on {model.config.num_users} and {model.config.num_items}")
+        raise ValueError(f"{ml.name} has {ml.num_users} users and {ml.num_items} items; the run was trained on "
+                         f"{model.config.num_users} and {model.config.num_items}: is it the data it was trained on?")
     data = prepare_retrieval_data(ml, data_config.split, model.config.history_len, model.config.num_year_buckets)
     return ml, data
 

@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ConfigError, check_choice, check_int, check_number, config_dict, documented
-from moekit.data.sequences import DATASETS, LeaveOneOut, SequenceDataset, leave_one_out, load_sequences, pad_left
+from moekit.data.interactions import InteractionsConfig
+from moekit.data.sequences import (
+    DATASETS,
+    LeaveOneOut,
+    SequenceDataset,
+    leave_one_out,
+    load_interactions,
+    load_sequences,
+    pad_left,
+)
 from moekit.models.sequential import FAME, FAMEConfig, SASRec, SASRecConfig, build_model
 from moekit.train.loop import (
     EarlyStopping,
@@ -109,20 +118,24 @@ class SeqRecModelOptions:
 
 @documented
 @dataclass
-class SequenceDataConfig:
-    """Which interaction sequences to train on (the `data` section)."""
+class SequenceDataConfig(InteractionsConfig):
+    """Which interaction sequences to train on (the `data` section): your own log (`path`, with its
+    column names and an optional items file) or a public dataset by name."""
 
-    dataset: str = "beauty"
-    """beauty (Amazon Beauty, 5-core), ml-100k or ml-1m (MovieLens)."""
+    dataset: str | None = None
+    """'interactions' (your log: `path`), 'beauty' (Amazon Beauty, 5-core), 'ml-100k' or 'ml-1m'
+    (MovieLens); None: 'interactions' when `path` is set, else 'beauty'."""
     data_dir: str | None = None
-    """The dataset's folder (None: $MOEKIT_DATA/<folder>)."""
-    min_rating: float | None = None
-    """MovieLens: keep ratings >= this (None: every rating, as implicit feedback)."""
+    """A public dataset's folder (None: $MOEKIT_DATA/<folder>)."""
     core: int | None = None
-    """k-core filtering (None: 0 for Beauty, which is 5-core already; 5 for MovieLens)."""
+    """k-core filtering (None: 0 for Beauty, which is 5-core already, and your log; 5 for MovieLens)."""
 
     def __post_init__(self) -> None:
+        if self.dataset is None:
+            self.dataset = "interactions" if self.path is not None else "beauty"
         check_choice("data.dataset", self.dataset, DATASETS)
+        if self.dataset == "interactions" and self.path is None:
+            raise ConfigError("data.dataset='interactions' needs data.path (--data FILE)")
         if self.min_rating is not None:
             check_number("data.min_rating", self.min_rating)
         if self.core is not None:
@@ -317,16 +330,20 @@ def _fmt(metrics: dict, keys=("HR@10", "NDCG@10")) -> str:
 
 
 def resolve_data(config: SequenceDataConfig) -> SequenceDataConfig:
-    """`config` with `data_dir` made absolute, so the run folder names the data from anywhere."""
+    """`config` with its files and folders made absolute, so the run folder names the data from anywhere."""
     from moekit.data.paths import resolve_data_dir
     from moekit.data.sequences import dataset_folder
 
+    if config.dataset == "interactions":
+        return dataclasses.replace(config, **config.absolute())
     folder = resolve_data_dir(config.data_dir, dataset_folder(config.dataset))
     return dataclasses.replace(config, data_dir=str(folder))
 
 
 def load_data(config: SequenceDataConfig) -> SequenceDataset:
     """The interaction sequences `config` names, preprocessed as it says."""
+    if config.dataset == "interactions":
+        return load_interactions(config, core=config.core or 0)
     return load_sequences(config.dataset, config.data_dir, min_rating=config.min_rating, core=config.core)
 
 
