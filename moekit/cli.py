@@ -29,6 +29,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("train", "dqn"): "moekit.commands.train_dqn",
     ("train", "seqrec"): "moekit.commands.train_seqrec",
     ("recommend",): "moekit.commands.recommend",
+    ("hf", "import"): "moekit.commands.hf_import",
+    ("hf", "export"): "moekit.commands.hf_export",
 }
 
 # Group help for commands that only hold subcommands.
@@ -37,6 +39,7 @@ GROUP_HELP = {
     "train": "train a model",
     "eval": "evaluate a trained model",
     "checkpoint": "merge or re-shard expert-parallel checkpoints",
+    "hf": "Hugging Face checkpoints in and out: import, export, upcycle",
 }
 
 # glibc hands large freed buffers back to the OS after every call unless these are raised; for

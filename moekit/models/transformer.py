@@ -492,7 +492,7 @@ class TransformerConfig:
             self.d_ff = 8 * round(4 * self.d_model * 2 / 3 / 8) if gated else 4 * self.d_model
         check_int("d_ff", self.d_ff, 1)
         if self.head_dim is None:
-            if self.d_model % self.n_head:
+            if self.d_model % self.n_head and self.mla is None:
                 raise ConfigError(f"d_model must be divisible by n_head "
                                   f"(got d_model={self.d_model}, n_head={self.n_head})")
         else:

@@ -1,0 +1,49 @@
+"""Mixtral (Jiang et al. 2024, "Mixtral of Experts"): every FFN an MoE of 8 SwiGLU experts, top-2
+softmax routing renormalised over the chosen two (moekit's topk_softmax: the same weights);
+grouped-query attention, optional sliding window."""
+
+from __future__ import annotations
+
+from moekit.hf.common import (
+    LAYER,
+    Family,
+    Options,
+    attention_rules,
+    base_to_hf,
+    expert_rules,
+    read_base,
+    read_windows,
+    skeleton_rules,
+)
+from moekit.hf.mapping import Rule
+from moekit.layers.config import MoEConfig
+from moekit.models.transformer import TransformerConfig
+
+
+def config_from_hf(options: Options) -> TransformerConfig:
+    base = read_base(options)
+    n_layer = base["n_layer"]
+    window, layers = read_windows(options, n_layer,
+                                  lambda: list(range(n_layer)) if options.get("sliding_window") else [])
+    d_ff = options.need("intermediate_size")
+    moe = MoEConfig(d_model=base["d_model"], d_ff=d_ff, num_experts=options.need("num_local_experts"),
+                    top_k=options.need("num_experts_per_tok"), router="topk_softmax",
+                    aux_loss_coef=float(options.get("router_aux_loss_coef", 0.0)))
+    return TransformerConfig(**base, d_ff=d_ff, sliding_window=window, sliding_window_layers=layers, moe=moe)
+
+
+def config_to_hf(config: TransformerConfig) -> dict:
+    moe = config.moe
+    return {**base_to_hf(config, "mixtral", "MixtralForCausalLM"), "intermediate_size": moe.d_ff,
+            "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+            "sliding_window": config.sliding_window, "router_aux_loss_coef": moe.aux_loss_coef}
+
+
+def rules(config: TransformerConfig, hf: dict) -> list[Rule]:
+    moe = f"{LAYER}.block_sparse_moe"
+    return [*skeleton_rules(), *attention_rules(),
+            Rule("blocks.{i}.ffn.router.weight", f"{moe}.gate.weight"),
+            *expert_rules("blocks.{i}.ffn.experts", f"{moe}.experts", "w1", "w3", "w2")]
+
+
+FAMILY = Family("mixtral", "MixtralForCausalLM", config_from_hf, config_to_hf, rules)
