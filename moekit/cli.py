@@ -31,6 +31,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("recommend",): "moekit.commands.recommend",
     ("hf", "import"): "moekit.commands.hf_import",
     ("hf", "export"): "moekit.commands.hf_export",
+    ("hf", "upcycle"): "moekit.commands.hf_upcycle",
 }
 
 # Group help for commands that only hold subcommands.
