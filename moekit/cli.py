@@ -32,6 +32,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("hf", "import"): "moekit.commands.hf_import",
     ("hf", "export"): "moekit.commands.hf_export",
     ("hf", "upcycle"): "moekit.commands.hf_upcycle",
+    ("analyze", "routing"): "moekit.commands.analyze_routing",
 }
 
 # Group help for commands that only hold subcommands.
@@ -41,6 +42,7 @@ GROUP_HELP = {
     "eval": "evaluate a trained model",
     "checkpoint": "merge or re-shard expert-parallel checkpoints",
     "hf": "Hugging Face checkpoints in and out: import, export, upcycle",
+    "analyze": "look inside a trained or imported model",
 }
 
 # glibc hands large freed buffers back to the OS after every call unless these are raised; for

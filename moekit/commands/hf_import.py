@@ -31,8 +31,8 @@ def describe(model) -> str:
     if model.moe_layers:
         moe = (f", {len(model.moe_layers)} MoE layers of {cfg.moe.num_experts} experts (top-{cfg.moe.top_k}"
                + (f", {cfg.moe.num_shared_experts} shared" if cfg.moe.num_shared_experts else "") + ")")
-    return (f"{cfg.n_layer} layers{moe}, {counts['total'] / 1e6:,.1f}M parameters "
-            f"({counts['active'] / 1e6:,.1f}M active), {model.tok_emb.weight.dtype}".replace("torch.", ""))
+    return (f"{cfg.n_layer} layers{moe}, {counts['total']:,} parameters ({counts['active']:,} active), "
+            f"{model.tok_emb.weight.dtype}".replace("torch.", ""))
 
 
 def run(args: argparse.Namespace) -> int:
