@@ -41,13 +41,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from moekit.hf import HFImportWarning, import_folder
-    from moekit.models.transformer import Transformer
 
     dtype = None if DTYPES[args.dtype] is None else getattr(torch, DTYPES[args.dtype])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HFImportWarning)
-        out = import_folder(args.path, args.out, dtype)
+        model = import_folder(args.path, args.out, dtype)
     print_warnings(caught)
-    model = Transformer.from_pretrained(out)
-    print(f"wrote {out}: {describe(model)}")
+    print(f"wrote {args.out}: {describe(model)}")
     return 0

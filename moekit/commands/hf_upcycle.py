@@ -22,12 +22,11 @@ def run(args: argparse.Namespace) -> int:
     from moekit.commands.hf_import import describe, print_warnings
     from moekit.hf import HFImportWarning, upcycle_folder
     from moekit.layers.config import MoEConfig
-    from moekit.models.transformer import Transformer
 
     MoEConfig(d_model=1, d_ff=1, num_experts=args.experts, top_k=args.top_k)  # names a bad value before reading
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HFImportWarning)
-        out = upcycle_folder(args.path, args.out, args.experts, args.top_k, args.seed)
+        model = upcycle_folder(args.path, args.out, args.experts, args.top_k, args.seed)
     print_warnings(caught)
-    print(f"wrote {out}: {describe(Transformer.from_pretrained(out))}")
+    print(f"wrote {args.out}: {describe(model)}")
     return 0

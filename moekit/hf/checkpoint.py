@@ -162,3 +162,28 @@ def write_sharded(tensors: Iterator[tuple[str, Tensor]], folder: str | os.PathLi
         return final
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def save_model_folder(model, folder: str | os.PathLike) -> Path:
+    """`model.save_pretrained(folder)` (config.json + model.safetensors, the same files) without a
+    second copy of the weights: safetensors writes straight from the model's tensors into a
+    temporary file, which then replaces model.safetensors. For a checkpoint as large as memory."""
+    from safetensors.torch import save_file
+
+    from moekit.models.pretrained import CONFIG_FILE, WEIGHTS_FILE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if state["lm_head.weight"].data_ptr() == state["tok_emb.weight"].data_ptr():
+        state["lm_head.weight"] = state["lm_head.weight"].clone()  # safetensors refuses shared memory
+    temp = folder / f".{WEIGHTS_FILE}.tmp"
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(temp))
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, folder / WEIGHTS_FILE)
+    finally:
+        temp.unlink(missing_ok=True)
+    atomic_write_json(folder / CONFIG_FILE, model.model_header())
+    return folder

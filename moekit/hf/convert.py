@@ -24,6 +24,7 @@ from moekit.hf.checkpoint import (
     iter_tensors,
     parse_size,
     read_config,
+    save_model_folder,
     tensor_dtypes,
     weight_files,
     write_sharded,
@@ -149,13 +150,13 @@ def load_streamed(model: Transformer, entries: dict[str, Entry], family: Family,
                       f"moekit imports the next-token model only", HFImportWarning, stacklevel=3)
 
 
-def import_folder(path: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """`moekit hf import`: a moekit model folder (config.json, model.safetensors) with the tokenizer files."""
+def import_folder(path: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Transformer:
+    """`moekit hf import`: the checkpoint as a moekit model folder `out` (config.json,
+    model.safetensors) with the tokenizer files beside it; returns the model."""
     model = from_hf(path, dtype)
-    out = Path(out)
-    model.save_pretrained(out)
+    save_model_folder(model, out)
     copy_tokenizer(path, out)
-    return out
+    return model
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -305,14 +306,14 @@ def upcycle(dense_model: Transformer, num_experts: int, top_k: int, seed: int = 
 
 
 def upcycle_folder(path: str | os.PathLike, out: str | os.PathLike, num_experts: int, top_k: int,
-                   seed: int = 0) -> Path:
-    """`moekit hf upcycle`: a dense Hugging Face checkpoint -> an upcycled moekit model folder."""
+                   seed: int = 0) -> Transformer:
+    """`moekit hf upcycle`: a dense Hugging Face checkpoint -> an upcycled moekit model folder
+    (with the tokenizer files); returns the upcycled model."""
     hf = read_config(path)
     if family_of(hf).moe:
         raise ValueError(f"{path} is a {hf['model_type']} MoE checkpoint; upcycling starts from a dense "
                          f"{', '.join(DENSE_FAMILIES)} checkpoint")
     model = upcycle(from_hf(path), num_experts, top_k, seed)
-    out = Path(out)
-    model.save_pretrained(out)
+    save_model_folder(model, out)
     copy_tokenizer(path, out)
-    return out
+    return model

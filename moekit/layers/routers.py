@@ -132,6 +132,20 @@ class TokenChoiceRouter(nn.Module):
         keep_TE = keep_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
         return choice_TE.masked_fill(~keep_TE, float("-inf"))
 
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(bfloat16)` / `.half()` leave the balancing buffers in float32 (or wider): a selection
+        bias rounded to bf16 flips near-tied choices (transformers keeps DeepSeek-V3's in float32
+        too), and a bf16 token count stops counting at 256."""
+        kept = {name: getattr(self, name) for name in ("expert_bias", "tokens_per_expert") if hasattr(self, name)}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype in (torch.float16, torch.bfloat16):
+                wide = torch.empty_like(after, dtype=torch.float32) if before.is_meta or after.is_meta \
+                    else before.to(device=after.device, dtype=torch.float32)
+                setattr(self, name, wide)
+        return self
+
     @torch.no_grad()
     def record_load(self, counts_E: Tensor) -> None:
         """Add one forward's per-expert assignment counts to the loss-free balancing state."""

@@ -90,6 +90,8 @@ def test_bfloat16_checkpoint_stays_bfloat16(family, tmp_path):
     hf_model = build(family, tmp_path, dtype=torch.bfloat16)
     model = from_hf(tmp_path)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    if family == "deepseek_v3":  # the selection bias stays float32, as in transformers
+        assert model.blocks[1].ffn.router.expert_bias.dtype == torch.float32
     idx = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(5))
     logits = model(idx)[0].float()
     reference = hf_logits(hf_model.float(), idx)  # the same bf16 weights, computed in float32

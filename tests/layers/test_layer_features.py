@@ -147,3 +147,15 @@ def test_bad_values_are_named_at_construction(fields, message):
     with pytest.raises(ValueError) as info:
         MoEConfig(**base)
     assert message in str(info.value)
+
+
+def test_balancing_buffers_stay_float32_in_a_bfloat16_layer():
+    """A bf16 selection bias would round 0.1234567 to 0.1235 and flip near-tied choices."""
+    moe = make_moe(router="sigmoid_topk", selection_bias=True, bias_update_rate=0.01)
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.tensor([0.1234567, 0.0, 0.0, 0.0]))
+    moe = moe.to(torch.bfloat16)
+    assert moe.router.expert_bias.dtype == torch.float32 and moe.router.tokens_per_expert.dtype == torch.float32
+    assert moe.router.expert_bias[0].item() == pytest.approx(0.1234567, abs=1e-8)
+    assert moe.router.weight.dtype == torch.bfloat16
+    assert moe(torch.randn(5, D, dtype=torch.bfloat16)).hidden_states.dtype == torch.bfloat16
