@@ -248,6 +248,20 @@ def choose_family(config: TransformerConfig, family: str | None = None) -> tuple
     raise Unsupported(f"no Hugging Face family expresses this model exactly: {' | '.join(reasons)}")
 
 
+def special_token_ids(folder: str | os.PathLike | None) -> dict:
+    """bos/eos/pad token ids from the generation_config.json an import copied, else None (rather
+    than the family class's defaults, which belong to another vocabulary)."""
+    ids = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
+    path = Path(folder) / "generation_config.json" if folder is not None else None
+    if path is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        ids.update({k: saved[k] for k in ids if saved.get(k) is not None})
+    return ids
+
+
 def to_hf(model: Transformer, folder: str | os.PathLike, family: str | None = None,
           tokenizer_from: str | os.PathLike | None = None, max_shard_size: str | int = "5GB") -> Path:
     """Write `model` as a Hugging Face checkpoint folder that transformers loads with the family's own
@@ -256,8 +270,8 @@ def to_hf(model: Transformer, folder: str | os.PathLike, family: str | None = No
     model exactly."""
     config = model.config
     chosen, hf = choose_family(config, family)
-    dtype = model.tok_emb.weight.dtype
-    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf["dtype"] = hf["torch_dtype"] = str(model.tok_emb.weight.dtype).removeprefix("torch.")  # transformers 5, 4
+    hf.update(special_token_ids(tokenizer_from))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()

@@ -60,6 +60,8 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tmp_path)
     out = to_hf(model, tmp_path / "hf", tokenizer_from=folder, max_shard_size="20KB")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == family
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the source's ids, not the class defaults
+        assert config[key] == getattr(hf_model.generation_config, key)
     assert (out / "model.safetensors.index.json").is_file()  # sharded
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded) is type(hf_model)
