@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.hf.mapping import Rule
+from moekit.layers.config import MoEConfig
 from moekit.models.transformer import RopeScaling, TransformerConfig
 
 # Keys that do not change what the model computes: metadata, token ids, training-only settings
@@ -199,6 +200,32 @@ def base_to_hf(config: TransformerConfig, model_type: str, architecture: str) ->
         "initializer_range": config.init_std, "hidden_act": "silu", "attention_dropout": 0.0,
         **rope_to_hf(config),
     }
+
+
+def read_moe(options: Options, d_model: int, experts_key: str, d_ff_key: str, **fields) -> MoEConfig:
+    """The MoE layer from the family's keys for the expert count and width, and the shared ones."""
+    return MoEConfig(d_model=d_model, d_ff=options.need(d_ff_key), num_experts=options.need(experts_key),
+                     top_k=options.need("num_experts_per_tok"),
+                     aux_loss_coef=float(options.get("router_aux_loss_coef", 0.0)), **fields)
+
+
+def moe_to_hf(moe: MoEConfig, experts_key: str, d_ff_key: str) -> dict:
+    return {experts_key: moe.num_experts, d_ff_key: moe.d_ff, "num_experts_per_tok": moe.top_k,
+            "router_aux_loss_coef": moe.aux_loss_coef}
+
+
+def softmax_router(options: Options) -> dict:
+    """Softmax, top-k, renormalised over the k when `norm_topk_prob` (Qwen-MoE, OLMoE): moekit's
+    topk_softmax gives exactly those weights (for k = 1 too), softmax_topk without renormalising
+    the others."""
+    if options.get("norm_topk_prob", False):
+        return dict(router="topk_softmax")
+    return dict(router="softmax_topk", normalize_topk=False)
+
+
+def renormalized(moe: MoEConfig) -> bool:
+    """`norm_topk_prob` of a softmax router (the inverse of `softmax_router`)."""
+    return moe.router == "topk_softmax" or (moe.normalize_topk and moe.top_k > 1)
 
 
 # --- weight rules -----------------------------------------------------------------------------

@@ -18,11 +18,12 @@ from moekit.hf.common import (
     base_to_hf,
     expert_rules,
     gated_ffn_rules,
+    moe_to_hf,
     read_base,
+    read_moe,
     skeleton_rules,
 )
 from moekit.hf.mapping import Permute, Rule, interleave_rope
-from moekit.layers.config import MoEConfig
 from moekit.models.transformer import MLAConfig, TransformerConfig
 
 
@@ -43,13 +44,12 @@ def config_from_hf(options: Options) -> TransformerConfig:
     normalize = bool(options.get("norm_topk_prob", True))
     if normalize and top_k == 1:
         raise options.refuse("norm_topk_prob", True, "with num_experts_per_tok=1")
-    moe = MoEConfig(d_model=base["d_model"], d_ff=options.need("moe_intermediate_size"),
-                    num_experts=options.need("n_routed_experts"), top_k=top_k, router="sigmoid_topk",
-                    normalize_topk=normalize, selection_bias=True, group_score="top2_sum",
-                    num_expert_groups=options.get("n_group", 1), topk_groups=options.get("topk_group", 1),
-                    routed_scaling_factor=float(options.get("routed_scaling_factor", 1.0)),
-                    num_shared_experts=options.get("n_shared_experts", 0),
-                    shared_d_ff=options.need("moe_intermediate_size"))
+    moe = read_moe(options, base["d_model"], "n_routed_experts", "moe_intermediate_size", router="sigmoid_topk",
+                   normalize_topk=normalize, selection_bias=True, group_score="top2_sum",
+                   num_expert_groups=options.get("n_group", 1), topk_groups=options.get("topk_group", 1),
+                   routed_scaling_factor=float(options.get("routed_scaling_factor", 1.0)),
+                   num_shared_experts=options.get("n_shared_experts", 0),
+                   shared_d_ff=options.need("moe_intermediate_size"))
     bias = bool(options.get("attention_bias", False))
     return TransformerConfig(**base, d_ff=options.need("intermediate_size"), bias=False, qkv_bias=bias,
                              attn_out_bias=bias, mla=mla, moe=moe,
@@ -60,9 +60,8 @@ def config_to_hf(config: TransformerConfig) -> dict:
     moe, mla = config.moe, config.mla
     first_moe = next((i for i in range(config.n_layer) if config.is_moe_layer(i)), config.n_layer)
     return {**base_to_hf(config, "deepseek_v3", "DeepseekV3ForCausalLM"), "head_dim": mla.qk_rope_head_dim,
-            "intermediate_size": config.d_ff, "moe_intermediate_size": moe.d_ff, "n_routed_experts": moe.num_experts,
-            "num_experts_per_tok": moe.top_k, "n_shared_experts": moe.num_shared_experts,
-            "n_group": moe.num_expert_groups,
+            **moe_to_hf(moe, "n_routed_experts", "moe_intermediate_size"), "intermediate_size": config.d_ff,
+            "n_shared_experts": moe.num_shared_experts, "n_group": moe.num_expert_groups,
             "topk_group": moe.topk_groups, "routed_scaling_factor": moe.routed_scaling_factor,
             "norm_topk_prob": moe.normalize_topk, "first_k_dense_replace": first_moe, "scoring_func": "sigmoid",
             "topk_method": "noaux_tc", "q_lora_rank": mla.q_lora_rank, "kv_lora_rank": mla.kv_lora_rank,

@@ -14,12 +14,13 @@ from moekit.hf.common import (
     attention_rules,
     base_to_hf,
     layer_types,
+    moe_to_hf,
     read_base,
+    read_moe,
     read_windows,
     skeleton_rules,
 )
 from moekit.hf.mapping import Permute, Rule, Transpose, interleave_halves
-from moekit.layers.config import MoEConfig
 from moekit.models.transformer import TransformerConfig
 
 
@@ -33,23 +34,20 @@ def config_from_hf(options: Options) -> TransformerConfig:
         raise options.refuse("experts_per_token", options.data["experts_per_token"],
                              f"it contradicts num_experts_per_tok={top_k}")
     options.read.update({"experts_per_token", "initial_context_length"})
-    moe = MoEConfig(d_model=base["d_model"], d_ff=options.need("intermediate_size"),
-                    num_experts=options.need("num_local_experts"), top_k=top_k, router="topk_softmax",
-                    router_bias=True, expert_type="clamped_swiglu", expert_bias=True,
-                    swiglu_alpha=float(options.get("swiglu_alpha", 1.702)),
-                    swiglu_limit=float(options.get("swiglu_limit", 7.0)),
-                    aux_loss_coef=float(options.get("router_aux_loss_coef", 0.0)))
+    moe = read_moe(options, base["d_model"], "num_local_experts", "intermediate_size", router="topk_softmax",
+                   router_bias=True, expert_type="clamped_swiglu", expert_bias=True,
+                   swiglu_alpha=float(options.get("swiglu_alpha", 1.702)),
+                   swiglu_limit=float(options.get("swiglu_limit", 7.0)))
     return TransformerConfig(**base, d_ff=moe.d_ff, bias=False, qkv_bias=bias, attn_out_bias=bias, attn_sinks=True,
                              sliding_window=window, sliding_window_layers=layers, moe=moe)
 
 
 def config_to_hf(config: TransformerConfig) -> dict:
     moe = config.moe
-    return {**base_to_hf(config, "gpt_oss", "GptOssForCausalLM"), "intermediate_size": moe.d_ff,
-            "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
-            "attention_bias": config.qkv_bias_on, "swiglu_alpha": moe.swiglu_alpha, "swiglu_limit": moe.swiglu_limit,
-            "sliding_window": config.sliding_window, "layer_types": layer_types(config),
-            "router_aux_loss_coef": moe.aux_loss_coef}
+    return {**base_to_hf(config, "gpt_oss", "GptOssForCausalLM"),
+            **moe_to_hf(moe, "num_local_experts", "intermediate_size"), "attention_bias": config.qkv_bias_on,
+            "swiglu_alpha": moe.swiglu_alpha, "swiglu_limit": moe.swiglu_limit,
+            "sliding_window": config.sliding_window, "layer_types": layer_types(config)}
 
 
 def rules(config: TransformerConfig, hf: dict) -> list[Rule]:

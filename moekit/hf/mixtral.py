@@ -11,12 +11,13 @@ from moekit.hf.common import (
     attention_rules,
     base_to_hf,
     expert_rules,
+    moe_to_hf,
     read_base,
+    read_moe,
     read_windows,
     skeleton_rules,
 )
 from moekit.hf.mapping import Rule
-from moekit.layers.config import MoEConfig
 from moekit.models.transformer import TransformerConfig
 
 
@@ -25,18 +26,13 @@ def config_from_hf(options: Options) -> TransformerConfig:
     n_layer = base["n_layer"]
     window, layers = read_windows(options, n_layer,
                                   lambda: list(range(n_layer)) if options.get("sliding_window") else [])
-    d_ff = options.need("intermediate_size")
-    moe = MoEConfig(d_model=base["d_model"], d_ff=d_ff, num_experts=options.need("num_local_experts"),
-                    top_k=options.need("num_experts_per_tok"), router="topk_softmax",
-                    aux_loss_coef=float(options.get("router_aux_loss_coef", 0.0)))
-    return TransformerConfig(**base, d_ff=d_ff, sliding_window=window, sliding_window_layers=layers, moe=moe)
+    moe = read_moe(options, base["d_model"], "num_local_experts", "intermediate_size", router="topk_softmax")
+    return TransformerConfig(**base, d_ff=moe.d_ff, sliding_window=window, sliding_window_layers=layers, moe=moe)
 
 
 def config_to_hf(config: TransformerConfig) -> dict:
-    moe = config.moe
-    return {**base_to_hf(config, "mixtral", "MixtralForCausalLM"), "intermediate_size": moe.d_ff,
-            "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
-            "sliding_window": config.sliding_window, "router_aux_loss_coef": moe.aux_loss_coef}
+    return {**base_to_hf(config, "mixtral", "MixtralForCausalLM"),
+            **moe_to_hf(config.moe, "num_local_experts", "intermediate_size"), "sliding_window": config.sliding_window}
 
 
 def rules(config: TransformerConfig, hf: dict) -> list[Rule]:

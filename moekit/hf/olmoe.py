@@ -10,33 +10,30 @@ from moekit.hf.common import (
     attention_rules,
     base_to_hf,
     expert_rules,
+    moe_to_hf,
     read_base,
+    read_moe,
+    renormalized,
     skeleton_rules,
+    softmax_router,
 )
 from moekit.hf.mapping import Rule
-from moekit.hf.qwen_moe import renormalized, softmax_router
-from moekit.layers.config import MoEConfig
 from moekit.models.transformer import TransformerConfig
 
 
 def config_from_hf(options: Options) -> TransformerConfig:
     base = read_base(options)
-    d_ff = options.need("intermediate_size")
     bias = bool(options.get("attention_bias", False))
-    moe = MoEConfig(d_model=base["d_model"], d_ff=d_ff, num_experts=options.need("num_experts"),
-                    top_k=options.need("num_experts_per_tok"), **softmax_router(options),
-                    aux_loss_coef=float(options.get("router_aux_loss_coef", 0.0)))
+    moe = read_moe(options, base["d_model"], "num_experts", "intermediate_size", **softmax_router(options))
     clip = options.get("clip_qkv")
-    return TransformerConfig(**base, d_ff=d_ff, bias=False, qkv_bias=bias, attn_out_bias=bias, qk_norm="full",
+    return TransformerConfig(**base, d_ff=moe.d_ff, bias=False, qkv_bias=bias, attn_out_bias=bias, qk_norm="full",
                              clip_qkv=None if clip is None else float(clip), moe=moe)
 
 
 def config_to_hf(config: TransformerConfig) -> dict:
-    moe = config.moe
-    return {**base_to_hf(config, "olmoe", "OlmoeForCausalLM"), "intermediate_size": moe.d_ff,
-            "num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k, "norm_topk_prob": renormalized(moe),
-            "attention_bias": config.qkv_bias_on, "clip_qkv": config.clip_qkv,
-            "router_aux_loss_coef": moe.aux_loss_coef}
+    return {**base_to_hf(config, "olmoe", "OlmoeForCausalLM"),
+            **moe_to_hf(config.moe, "num_experts", "intermediate_size"), "norm_topk_prob": renormalized(config.moe),
+            "attention_bias": config.qkv_bias_on, "clip_qkv": config.clip_qkv}
 
 
 def rules(config: TransformerConfig, hf: dict) -> list[Rule]:

@@ -14,9 +14,13 @@ from moekit.hf.common import (
     expert_rules,
     gated_ffn_rules,
     layer_types,
+    moe_to_hf,
     read_base,
+    read_moe,
     read_windows,
+    renormalized,
     skeleton_rules,
+    softmax_router,
 )
 from moekit.hf.mapping import Rule
 from moekit.layers.config import MoEConfig
@@ -31,35 +35,19 @@ def moe_layer_list(options: Options, n_layer: int) -> list[int] | None:
     return None if len(layers) == n_layer else layers
 
 
-def softmax_router(options: Options) -> dict:
-    """Softmax, top-k, renormalised over the k when `norm_topk_prob`: moekit's topk_softmax gives
-    exactly those weights (for k = 1 too), softmax_topk without renormalising the others."""
-    if options.get("norm_topk_prob", False):
-        return dict(router="topk_softmax")
-    return dict(router="softmax_topk", normalize_topk=False)
+def read_qwen_moe(options: Options, d_model: int, **extra) -> MoEConfig:
+    # transformers 5 saves a Qwen3-MoE's expert count as num_local_experts, releases as num_experts
+    key = "num_experts" if options.data.get("num_experts") is not None else "num_local_experts"
+    options.read.update({"num_experts", "num_local_experts"})
+    return read_moe(options, d_model, key, "moe_intermediate_size", **softmax_router(options), **extra)
 
 
-def renormalized(moe: MoEConfig) -> bool:
-    """`norm_topk_prob` of a softmax router (see `moekit.hf.convert.canonical` for the others)."""
-    return moe.router == "topk_softmax" or (moe.normalize_topk and moe.top_k > 1)
-
-
-def read_moe(options: Options, d_model: int, **extra) -> MoEConfig:
-    top_k = options.need("num_experts_per_tok")
-    num_experts = options.get("num_experts") or options.need("num_local_experts")
-    options.read.add("num_local_experts")
-    return MoEConfig(d_model=d_model, d_ff=options.need("moe_intermediate_size"), num_experts=num_experts,
-                     top_k=top_k, **softmax_router(options),
-                     aux_loss_coef=float(options.get("router_aux_loss_coef", 0.0)), **extra)
-
-
-def moe_to_hf(config: TransformerConfig) -> dict:
+def qwen_moe_to_hf(config: TransformerConfig) -> dict:
     moe = config.moe
     moe_layers = [i for i in range(config.n_layer) if config.is_moe_layer(i)]
-    return {"intermediate_size": config.d_ff, "moe_intermediate_size": moe.d_ff, "num_experts": moe.num_experts,
-            "num_experts_per_tok": moe.top_k, "norm_topk_prob": renormalized(moe), "decoder_sparse_step": 1,
-            "mlp_only_layers": [i for i in range(config.n_layer) if i not in moe_layers],
-            "router_aux_loss_coef": moe.aux_loss_coef}
+    return {**moe_to_hf(moe, "num_experts", "moe_intermediate_size"), "intermediate_size": config.d_ff,
+            "norm_topk_prob": renormalized(moe), "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(config.n_layer) if i not in moe_layers]}
 
 
 def qwen2_config_from_hf(options: Options) -> TransformerConfig:
@@ -73,7 +61,7 @@ def qwen2_config_from_hf(options: Options) -> TransformerConfig:
     shared = options.need("shared_expert_intermediate_size")
     if shared < 1:
         raise options.refuse("shared_expert_intermediate_size", shared)
-    moe = read_moe(options, base["d_model"], num_shared_experts=1, shared_d_ff=shared, shared_expert_gate=True)
+    moe = read_qwen_moe(options, base["d_model"], num_shared_experts=1, shared_d_ff=shared, shared_expert_gate=True)
     qkv_bias = bool(options.get("qkv_bias", True))
     return TransformerConfig(**base, d_ff=options.need("intermediate_size"), qkv_bias=qkv_bias, attn_out_bias=False,
                              sliding_window=window, sliding_window_layers=layers, moe=moe,
@@ -82,7 +70,7 @@ def qwen2_config_from_hf(options: Options) -> TransformerConfig:
 
 def qwen2_config_to_hf(config: TransformerConfig) -> dict:
     sliding = any(config.window_of_layer(i) for i in range(config.n_layer))
-    return {**base_to_hf(config, "qwen2_moe", "Qwen2MoeForCausalLM"), **moe_to_hf(config),
+    return {**base_to_hf(config, "qwen2_moe", "Qwen2MoeForCausalLM"), **qwen_moe_to_hf(config),
             "shared_expert_intermediate_size": config.moe.shared_width, "qkv_bias": config.qkv_bias_on,
             "use_sliding_window": sliding, "sliding_window": config.sliding_window if sliding else None,
             "layer_types": layer_types(config), "max_window_layers": config.n_layer}
@@ -100,11 +88,11 @@ def qwen3_config_from_hf(options: Options) -> TransformerConfig:
     bias = bool(options.get("attention_bias", False))
     return TransformerConfig(**base, d_ff=options.need("intermediate_size"), bias=False, qkv_bias=bias,
                              attn_out_bias=bias, qk_norm="head", sliding_window=window,
-                             moe=read_moe(options, base["d_model"]), moe_layers=moe_layer_list(options, n_layer))
+                             moe=read_qwen_moe(options, base["d_model"]), moe_layers=moe_layer_list(options, n_layer))
 
 
 def qwen3_config_to_hf(config: TransformerConfig) -> dict:
-    return {**base_to_hf(config, "qwen3_moe", "Qwen3MoeForCausalLM"), **moe_to_hf(config),
+    return {**base_to_hf(config, "qwen3_moe", "Qwen3MoeForCausalLM"), **qwen_moe_to_hf(config),
             "attention_bias": config.qkv_bias_on, "use_sliding_window": config.sliding_window is not None,
             "sliding_window": config.sliding_window, "max_window_layers": config.n_layer}
 
