@@ -384,3 +384,16 @@ def test_bad_checkpoint_options_are_named(kwargs, message):
 def test_moe_output_width_must_match_the_model():
     with pytest.raises(ValueError, match="moe.d_out=3 must equal d_model=16"):
         tiny(dict(MOE, d_out=3))
+
+
+def test_every_config_field_is_documented():
+    import dataclasses
+
+    from moekit.config import field_docs
+    from moekit.models.transformer import MLAConfig, RopeScaling
+
+    for cls in (TransformerConfig, MoEConfig, RopeScaling, MLAConfig):
+        docs = field_docs(cls)
+        undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not undocumented, f"{cls.__name__}: {undocumented}"
+        assert "Fields:" in cls.__doc__
