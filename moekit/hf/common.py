@@ -66,6 +66,7 @@ class Options:
 
 
 def check_not_quantized(options: Options) -> None:
+    """Refuse a quantised checkpoint (FP8, MXFP4, GPTQ, ...): moekit imports float weights."""
     if options.data.get("quantization_config") is not None:
         method = options.data["quantization_config"].get("quant_method", "?") \
             if isinstance(options.data["quantization_config"], dict) else "?"
@@ -161,10 +162,12 @@ def read_windows(options: Options, n_layer: int,
 
 
 def sliding_layers(config: TransformerConfig) -> list[int]:
+    """The layers of `config` that attend through a sliding window."""
     return [i for i in range(config.n_layer) if config.window_of_layer(i) is not None]
 
 
 def layer_types(config: TransformerConfig) -> list[str]:
+    """Hugging Face's `layer_types` list for `config`."""
     return ["sliding_attention" if config.window_of_layer(i) else "full_attention" for i in range(config.n_layer)]
 
 
@@ -191,6 +194,7 @@ def read_base(options: Options, tie_default: bool = False) -> dict:
 
 
 def base_to_hf(config: TransformerConfig, model_type: str, architecture: str) -> dict:
+    """The config.json keys every decoder family spells the same way (the inverse of `read_base`)."""
     return {
         "architectures": [architecture], "model_type": model_type, "vocab_size": config.vocab_size,
         "hidden_size": config.d_model, "num_hidden_layers": config.n_layer,
@@ -210,6 +214,7 @@ def read_moe(options: Options, d_model: int, experts_key: str, d_ff_key: str, **
 
 
 def moe_to_hf(moe: MoEConfig, experts_key: str, d_ff_key: str) -> dict:
+    """The config.json keys of the MoE layer (the inverse of `read_moe`)."""
     return {experts_key: moe.num_experts, d_ff_key: moe.d_ff, "num_experts_per_tok": moe.top_k,
             "router_aux_loss_coef": moe.aux_loss_coef}
 

@@ -44,6 +44,7 @@ DENSE_FAMILIES = [name for name, f in FAMILIES.items() if not f.moe]
 
 
 def family_of(hf: dict, where: str = "config.json") -> Family:
+    """The family of a config.json by its model_type; refuses a model_type moekit does not import."""
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise Unsupported(f"{where}: model_type={model_type!r} is not supported; moekit imports "
@@ -90,6 +91,7 @@ def exported_keys(model: Transformer) -> list[str]:
 
 
 def num_experts(config: TransformerConfig) -> int:
+    """Experts per MoE layer (0 for a dense model): how many per-expert tensors a rule expands to."""
     return config.moe.num_experts if config.moe is not None else 0
 
 
@@ -209,6 +211,7 @@ def canonical(config: TransformerConfig) -> dict:
 
 
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """'key=a would become b' for every (dotted) key where two nested dicts differ."""
     out = []
     for key in sorted(set(a) | set(b)):
         x, y = a.get(key), b.get(key)

@@ -28,6 +28,7 @@ from moekit.models.transformer import MLAConfig, TransformerConfig
 
 
 def config_from_hf(options: Options) -> TransformerConfig:
+    """A DeepSeek-V3 config.json as a moekit config."""
     base = read_base(options)
     options.expect("scoring_func", ("sigmoid",), "sigmoid")
     options.expect("topk_method", ("noaux_tc",), "noaux_tc")
@@ -57,6 +58,7 @@ def config_from_hf(options: Options) -> TransformerConfig:
 
 
 def config_to_hf(config: TransformerConfig) -> dict:
+    """A moekit config as a DeepSeek-V3 config.json."""
     moe, mla = config.moe, config.mla
     first_moe = next((i for i in range(config.n_layer) if config.is_moe_layer(i)), config.n_layer)
     return {**base_to_hf(config, "deepseek_v3", "DeepseekV3ForCausalLM"), "head_dim": mla.qk_rope_head_dim,
@@ -71,6 +73,7 @@ def config_to_hf(config: TransformerConfig) -> dict:
 
 
 def rules(config: TransformerConfig, hf: dict) -> list[Rule]:
+    """The DeepSeek-V3 weight table."""
     attn, mlp = f"{LAYER}.self_attn", f"{LAYER}.mlp"
     mla = config.mla
     N, R, C = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank

@@ -25,6 +25,7 @@ from moekit.models.transformer import TransformerConfig
 
 
 def config_from_hf(options: Options) -> TransformerConfig:
+    """A GPT-OSS config.json as a moekit config."""
     base = read_base(options)
     n_layer = base["n_layer"]
     window, layers = read_windows(options, n_layer, lambda: [i for i in range(n_layer) if (i + 1) % 2])
@@ -43,6 +44,7 @@ def config_from_hf(options: Options) -> TransformerConfig:
 
 
 def config_to_hf(config: TransformerConfig) -> dict:
+    """A moekit config as a GPT-OSS config.json."""
     moe = config.moe
     return {**base_to_hf(config, "gpt_oss", "GptOssForCausalLM"),
             **moe_to_hf(moe, "num_local_experts", "intermediate_size"), "attention_bias": config.qkv_bias_on,
@@ -51,6 +53,7 @@ def config_to_hf(config: TransformerConfig) -> dict:
 
 
 def rules(config: TransformerConfig, hf: dict) -> list[Rule]:
+    """The GPT-OSS weight table."""
     mlp = f"{LAYER}.mlp"
     interleave = Permute(interleave_halves, dim=1)
     return [*skeleton_rules(), *attention_rules(),

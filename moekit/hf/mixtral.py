@@ -22,6 +22,7 @@ from moekit.models.transformer import TransformerConfig
 
 
 def config_from_hf(options: Options) -> TransformerConfig:
+    """A Mixtral config.json as a moekit config."""
     base = read_base(options)
     n_layer = base["n_layer"]
     window, layers = read_windows(options, n_layer,
@@ -31,11 +32,13 @@ def config_from_hf(options: Options) -> TransformerConfig:
 
 
 def config_to_hf(config: TransformerConfig) -> dict:
+    """A moekit config as a Mixtral config.json."""
     return {**base_to_hf(config, "mixtral", "MixtralForCausalLM"),
             **moe_to_hf(config.moe, "num_local_experts", "intermediate_size"), "sliding_window": config.sliding_window}
 
 
 def rules(config: TransformerConfig, hf: dict) -> list[Rule]:
+    """The Mixtral weight table."""
     moe = f"{LAYER}.block_sparse_moe"
     return [*skeleton_rules(), *attention_rules(),
             Rule("blocks.{i}.ffn.router.weight", f"{moe}.gate.weight"),

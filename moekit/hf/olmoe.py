@@ -22,6 +22,7 @@ from moekit.models.transformer import TransformerConfig
 
 
 def config_from_hf(options: Options) -> TransformerConfig:
+    """A OLMoE config.json as a moekit config."""
     base = read_base(options)
     bias = bool(options.get("attention_bias", False))
     moe = read_moe(options, base["d_model"], "num_experts", "intermediate_size", **softmax_router(options))
@@ -31,12 +32,14 @@ def config_from_hf(options: Options) -> TransformerConfig:
 
 
 def config_to_hf(config: TransformerConfig) -> dict:
+    """A moekit config as a OLMoE config.json."""
     return {**base_to_hf(config, "olmoe", "OlmoeForCausalLM"),
             **moe_to_hf(config.moe, "num_experts", "intermediate_size"), "norm_topk_prob": renormalized(config.moe),
             "attention_bias": config.qkv_bias_on, "clip_qkv": config.clip_qkv}
 
 
 def rules(config: TransformerConfig, hf: dict) -> list[Rule]:
+    """The OLMoE weight table."""
     mlp = f"{LAYER}.mlp"
     return [*skeleton_rules(), *attention_rules(), Rule("blocks.{i}.ffn.router.weight", f"{mlp}.gate.weight"),
             *expert_rules("blocks.{i}.ffn.experts", f"{mlp}.experts")]

@@ -36,6 +36,7 @@ def moe_layer_list(options: Options, n_layer: int) -> list[int] | None:
 
 
 def read_qwen_moe(options: Options, d_model: int, **extra) -> MoEConfig:
+    """The MoE layer of a Qwen-MoE config.json (softmax routing, renormalised when `norm_topk_prob`)."""
     # transformers 5 saves a Qwen3-MoE's expert count as num_local_experts, releases as num_experts
     key = "num_experts" if options.data.get("num_experts") is not None else "num_local_experts"
     options.read.update({"num_experts", "num_local_experts"})
@@ -43,6 +44,7 @@ def read_qwen_moe(options: Options, d_model: int, **extra) -> MoEConfig:
 
 
 def qwen_moe_to_hf(config: TransformerConfig) -> dict:
+    """The MoE keys of a Qwen-MoE config.json, the MoE layers as `mlp_only_layers`."""
     moe = config.moe
     moe_layers = [i for i in range(config.n_layer) if config.is_moe_layer(i)]
     return {**moe_to_hf(moe, "num_experts", "moe_intermediate_size"), "intermediate_size": config.d_ff,
@@ -51,6 +53,7 @@ def qwen_moe_to_hf(config: TransformerConfig) -> dict:
 
 
 def qwen2_config_from_hf(options: Options) -> TransformerConfig:
+    """A Qwen2-MoE config.json as a moekit config."""
     base = read_base(options)
     n_layer = base["n_layer"]
     use_sliding = options.get("use_sliding_window", False)
@@ -69,6 +72,7 @@ def qwen2_config_from_hf(options: Options) -> TransformerConfig:
 
 
 def qwen2_config_to_hf(config: TransformerConfig) -> dict:
+    """A moekit config as a Qwen2-MoE config.json."""
     sliding = any(config.window_of_layer(i) for i in range(config.n_layer))
     return {**base_to_hf(config, "qwen2_moe", "Qwen2MoeForCausalLM"), **qwen_moe_to_hf(config),
             "shared_expert_intermediate_size": config.moe.shared_width, "qkv_bias": config.qkv_bias_on,
@@ -77,6 +81,7 @@ def qwen2_config_to_hf(config: TransformerConfig) -> dict:
 
 
 def qwen3_config_from_hf(options: Options) -> TransformerConfig:
+    """A Qwen3-MoE config.json as a moekit config."""
     base = read_base(options)
     n_layer = base["n_layer"]
     options.get("max_window_layers")  # transformers 5 slides every layer of a Qwen3-MoE
@@ -92,12 +97,14 @@ def qwen3_config_from_hf(options: Options) -> TransformerConfig:
 
 
 def qwen3_config_to_hf(config: TransformerConfig) -> dict:
+    """A moekit config as a Qwen3-MoE config.json."""
     return {**base_to_hf(config, "qwen3_moe", "Qwen3MoeForCausalLM"), **qwen_moe_to_hf(config),
             "attention_bias": config.qkv_bias_on, "use_sliding_window": config.sliding_window is not None,
             "sliding_window": config.sliding_window, "max_window_layers": config.n_layer}
 
 
 def rules(config: TransformerConfig, hf: dict) -> list[Rule]:
+    """The Qwen-MoE weight table: attention, dense and sparse MLPs, the shared expert and its gate."""
     mlp = f"{LAYER}.mlp"
     return [*skeleton_rules(), *attention_rules(), *gated_ffn_rules("blocks.{i}.ffn", mlp),
             Rule("blocks.{i}.ffn.router.weight", f"{mlp}.gate.weight"),

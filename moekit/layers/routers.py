@@ -183,6 +183,7 @@ class ExpertChoiceRouter(nn.Module):
 
 
 def build_router(config: MoEConfig) -> TokenChoiceRouter | ExpertChoiceRouter:
+    """The router `config.router` names: expert choice, or a token-choice router."""
     if config.router == "expert_choice":
         return ExpertChoiceRouter(config)
     return TokenChoiceRouter(config)
