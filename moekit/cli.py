@@ -37,6 +37,10 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("retrieve",): "moekit.commands.retrieve",
     ("checkpoint", "merge"): "moekit.commands.checkpoint_merge",
     ("checkpoint", "reshard"): "moekit.commands.checkpoint_reshard",
+    ("hf", "import"): "moekit.commands.hf_import",
+    ("hf", "export"): "moekit.commands.hf_export",
+    ("hf", "upcycle"): "moekit.commands.hf_upcycle",
+    ("analyze", "routing"): "moekit.commands.analyze_routing",
 }
 
 # Group help for commands that only hold subcommands.
@@ -46,6 +50,8 @@ GROUP_HELP = {
     "eval": "evaluate a trained model from its run folder",
     "predict": "score new rows with a trained model",
     "checkpoint": "merge or re-shard expert-parallel checkpoints",
+    "hf": "Hugging Face checkpoints in and out: import, export, upcycle",
+    "analyze": "look inside a trained or imported model",
 }
 
 # glibc hands large freed buffers back to the OS after every call unless these are raised; for

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moekit.layers.dispatch import capacity_keep_mask, combine_token_choice, sort_by_expert
 from moekit.layers.experts import GroupedExperts
-from moekit.layers.moe import MoE, _group_align
+from moekit.layers.moe import MoE, group_align
 from moekit.layers.routers import Routing, expert_counts_per_group, load_balancing_loss
 
 _EXPERT_PARAMS = ("w_in", "b_in", "w_out", "b_out")
@@ -220,7 +220,7 @@ class AllToAllDispatcher:
 
         # Local grouped compute, with the same kernel and padding as on one device.
         local = sort_by_expert(expert_N.unsqueeze(1), None if kept_N is None else kept_N.unsqueeze(1),
-                               L, align=_group_align(x_ND))
+                               L, align=group_align(x_ND))
         y_PD = moe.experts(x_ND.index_select(0, local.token_P), local.offsets_E)
         y_ND = y_PD.index_select(0, local.row_A)
         if kept_N is not None:  # a dropped assignment returns zeros: its token keeps only the residual

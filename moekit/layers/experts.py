@@ -2,6 +2,8 @@
 
 Shape suffixes: T tokens, P grouped rows (tokens sorted by expert, possibly padded), D d_model,
 H hidden width, O output width, E experts, M = 2 for gated experts (gate and up halves), else 1.
+
+Gated experts keep [gate | up] as the two halves of one projection (one GEMM instead of two).
 """
 
 from __future__ import annotations
@@ -41,10 +43,25 @@ class _GatedActivation(torch.autograd.Function):
         return grad_h, None
 
 
-def activate(h: Tensor, expert_type: str, activation: str) -> Tensor:
-    """The nonlinearity between the two projections. Gated types get [gate | up] along the last dim."""
+GATED = ("swiglu", "geglu", "clamped_swiglu")
+
+
+def clamped_swiglu(h: Tensor, alpha: float, limit: float) -> Tensor:
+    """GPT-OSS's gated activation over h = [gate | up]: gate clamped to <= limit, up to
+    [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1)."""
+    gate, up = h.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def activate(h: Tensor, expert_type: str, activation: str, alpha: float = 1.702, limit: float = 7.0) -> Tensor:
+    """The nonlinearity between the two projections. Gated types get [gate | up] along the last dim;
+    `alpha` and `limit` are those of 'clamped_swiglu'."""
     if expert_type in ("swiglu", "geglu"):
         return _GatedActivation.apply(h, expert_type == "swiglu")
+    if expert_type == "clamped_swiglu":
+        return clamped_swiglu(h, alpha, limit)
     return _ACTIVATIONS[activation](h)
 
 
@@ -55,7 +72,7 @@ def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False  # grouped_mm's meta kernel (used while tracing) accepts only bf16
     if x.device.type == "cpu":
-        return True
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)  # float64: the per-expert loop
     if x.device.type == "cuda":
         # The CUDA kernels take bf16 on sm80+ (see torch.nn.functional.grouped_mm).
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
@@ -93,12 +110,15 @@ class GroupedExperts(nn.Module):
         activation: str = "gelu",
         bias: bool = False,
         d_out: int | None = None,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
     ) -> None:
         super().__init__()
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         self.expert_type, self.activation = expert_type, activation
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.d_out = d_out or d_model
-        gated = expert_type in ("swiglu", "geglu")
+        gated = expert_type in GATED
         if expert_type == "linear":
             self.w_in = nn.Parameter(torch.empty(num_experts, self.d_out, d_model))
             self.w_out = None
@@ -119,6 +139,9 @@ class GroupedExperts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
+    def _activate(self, h: Tensor) -> Tensor:
+        return activate(h, self.expert_type, self.activation, self.swiglu_alpha, self.swiglu_limit)
+
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731 (autocast-style cast)
         return cast(self.w_in), cast(self.b_in), cast(self.w_out), cast(self.b_out)
@@ -135,7 +158,7 @@ class GroupedExperts(nn.Module):
             h_PH = h_PH + b_in.index_select(0, expert_P)
         if w_out is None:
             return h_PH
-        h_PH = activate(h_PH, self.expert_type, self.activation)
+        h_PH = self._activate(h_PH)
         y_PO = grouped_matmul(h_PH, w_out, offsets_E)
         if b_out is not None:
             y_PO = y_PO + b_out.index_select(0, expert_P)
@@ -153,7 +176,7 @@ class GroupedExperts(nn.Module):
             h = F.linear(x_nD, w_in_e[e], b_in_e[e])
             if w_out_e[e] is None:
                 return h
-            return F.linear(activate(h, self.expert_type, self.activation), w_out_e[e], b_out_e[e])
+            return F.linear(self._activate(h), w_out_e[e], b_out_e[e])
 
         return [lambda x_nD, e=e: expert(e, x_nD) for e in range(E)]
 
@@ -165,7 +188,7 @@ class GroupedExperts(nn.Module):
             h_TEH = h_TEH + b_in
         if w_out is None:
             return h_TEH
-        h_TEH = activate(h_TEH, self.expert_type, self.activation)
+        h_TEH = self._activate(h_TEH)
         y_TEO = torch.einsum("teh,eoh->teo", h_TEH, w_out)
         if b_out is not None:
             y_TEO = y_TEO + b_out
@@ -183,10 +206,13 @@ class FeedForward(nn.Module):
         activation: str = "gelu",
         bias: bool = False,
         d_out: int | None = None,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
     ) -> None:
         super().__init__()
         self.expert_type, self.activation = expert_type, activation
-        gated = expert_type in ("swiglu", "geglu")
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
+        gated = expert_type in GATED
         d_out = d_out or d_model
         if expert_type == "linear":
             self.w_in, self.w_out = nn.Linear(d_model, d_out, bias=bias), None
@@ -198,4 +224,4 @@ class FeedForward(nn.Module):
         h = self.w_in(x)
         if self.w_out is None:
             return h
-        return self.w_out(activate(h, self.expert_type, self.activation))
+        return self.w_out(activate(h, self.expert_type, self.activation, self.swiglu_alpha, self.swiglu_limit))

@@ -57,7 +57,7 @@ class TokenDispatcher(Protocol):
 @dataclass
 class MoEOutput:
     hidden_states: Tensor
-    """Same shape and dtype as the input."""
+    """Same shape and dtype as the input (last dim d_out when the config sets it)."""
     aux_loss: Tensor
     """Scalar: the coefficient-weighted sum of the enabled balancing losses (0 when none)."""
     router_logits: Tensor
@@ -77,7 +77,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _group_align(x: Tensor) -> int:
+def group_align(x: Tensor) -> int:
     """Rows per expert group are padded to this multiple (see `sort_by_expert`)."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         return 32
@@ -103,7 +103,7 @@ class MoE(nn.Module):
         else:
             self.experts = GroupedExperts(
                 config.num_experts, config.d_model, config.d_ff, config.expert_type,
-                config.activation, config.expert_bias,
+                config.activation, config.expert_bias, config.d_out, config.swiglu_alpha, config.swiglu_limit,
             )
         # None: the experts run here. `moekit.distributed.parallelize_experts` installs an
         # expert-parallel dispatcher (a plain object, not a module: it holds process groups).
@@ -113,7 +113,8 @@ class MoE(nn.Module):
         if config.num_shared_experts > 0:
             # N shared experts of width h sum to one FFN of width N*h: one matmul instead of N.
             self.shared_experts = FeedForward(
-                config.d_model, config.shared_width, config.expert_type, config.activation, config.expert_bias
+                config.d_model, config.shared_width, config.expert_type, config.activation, config.expert_bias,
+                config.d_out, config.swiglu_alpha, config.swiglu_limit,
             )
             if config.shared_expert_gate:
                 self.shared_gate = nn.Linear(config.d_model, 1, bias=False)
@@ -152,7 +153,7 @@ class MoE(nn.Module):
         if not routing.expert_choice:
             self.router.record_load(counts_E)
         return MoEOutput(
-            hidden_states=out_TD.to(x.dtype).view(x.shape),
+            hidden_states=out_TD.to(x.dtype).view(*x.shape[:-1], cfg.output_width),
             aux_loss=aux_loss,
             router_logits=routing.logits_TE,
             expert_counts=counts_E,
@@ -177,7 +178,7 @@ class MoE(nn.Module):
 
         backend = self.backend
         if backend == "grouped":
-            dispatch = sort_by_expert(ids_TK, kept_TK, E, align=_group_align(x_TD))
+            dispatch = sort_by_expert(ids_TK, kept_TK, E, align=group_align(x_TD))
             y_PD = self.experts(gather_tokens(x_TD, dispatch), dispatch.offsets_E)
             return combine_token_choice(y_PD, dispatch, weights_TK), dispatch.counts_E, dropped, None
 
@@ -191,7 +192,7 @@ class MoE(nn.Module):
             return torch.einsum("te,ted->td", dense_TE.to(y_TED.dtype), y_TED), counts_E, dropped, None
 
         # loop: the plain per-expert loop, the reference the other backends are tested against.
-        out_TD = torch.zeros_like(x_TD)
+        out_TD = x_TD.new_zeros(x_TD.shape[0], cfg.output_width)
         nested_aux = None
         for e, expert in enumerate(self._expert_callables(x_TD)):
             token_n, slot_n = torch.nonzero(kept_ids_TK == e, as_tuple=True)
@@ -223,7 +224,7 @@ class MoE(nn.Module):
             y_TED = self.experts.forward_dense(x_TD)
             return torch.einsum("te,ted->td", dense_TE.to(y_TED.dtype), y_TED), counts_E, dropped, None
 
-        out_TD = torch.zeros_like(x_TD)
+        out_TD = x_TD.new_zeros(T, self.config.output_width)
         nested_aux = None
         for e, expert in enumerate(self._expert_callables(x_TD)):
             y_CD, aux = self._call_expert(expert, x_TD.index_select(0, token_EC[e]))

@@ -3,9 +3,9 @@
 Shape suffixes: T tokens, D d_model, E experts, K experts per token, C tokens per expert
 (expert choice), G expert groups, B sequences, S tokens per sequence.
 
-All router math runs in float32, even under bf16/fp16 autocast: top-k over nearly-equal
-low-precision scores flips choices between runs and devices, and softmax/logsumexp lose the small
-probabilities the balancing losses depend on.
+All router math runs in float32 (float64 for a float64 model), even under bf16/fp16 autocast:
+top-k over nearly-equal low-precision scores flips choices between runs and devices, and
+softmax/logsumexp lose the small probabilities the balancing losses depend on.
 """
 
 from __future__ import annotations
@@ -30,15 +30,22 @@ class Routing:
     weights: Tensor
     ids: Tensor
     logits_TE: Tensor
-    """Raw router logits (float32), before noise and bias; used by the z-loss."""
+    """Router logits (float32; float64 for a float64 model), with the router's learned bias but
+    before noise and the selection bias; used by the z-loss."""
     probs_TE: Tensor
-    """Each token's distribution over experts (float32), the P of the balancing losses."""
+    """Each token's distribution over experts (float32 or float64), the P of the balancing losses."""
     expert_choice: bool = False
 
 
-def _router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+def router_dtype(x: Tensor) -> torch.dtype:
+    """float32 for every input but float64, which keeps its precision."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _router_logits(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor | None = None) -> Tensor:
+    dtype = router_dtype(x_TD)
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
-        return F.linear(x_TD.float(), weight_ED.float())  # (T, E)
+        return F.linear(x_TD.to(dtype), weight_ED.to(dtype), None if bias_E is None else bias_E.to(dtype))  # (T, E)
 
 
 class TokenChoiceRouter(nn.Module):
@@ -48,22 +55,26 @@ class TokenChoiceRouter(nn.Module):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
         if config.router == "noisy_topk":
             # Shazeer et al. 2017: noise std softplus(x W_noise); zero init as in the paper.
             self.noise_weight = nn.Parameter(torch.zeros(config.num_experts, config.d_model))
-        if config.bias_update_rate > 0:
-            # Loss-free balancing state. The bias shifts selection only; `tokens_per_expert`
+        if config.has_selection_bias:
+            # The bias shifts selection only. Loss-free balancing moves it: `tokens_per_expert`
             # accumulates loads between updates so gradient accumulation sees the whole step.
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        if config.bias_update_rate > 0:
             self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.config.d_model**-0.5)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x_TD: Tensor) -> Routing:
         cfg = self.config
-        logits_TE = _router_logits(x_TD, self.weight)
+        logits_TE = _router_logits(x_TD, self.weight, self.bias)
         if cfg.router == "soft":
             probs_TE = logits_TE.softmax(dim=-1)
             ids_TE = torch.arange(cfg.num_experts, device=x_TD.device).expand_as(probs_TE)
@@ -85,7 +96,7 @@ class TokenChoiceRouter(nn.Module):
         # Selection may use biased / group-masked scores; the weights always come from the
         # unbiased scores, so the bias steers load without entering the model's function.
         choice_TE = scores_TE.detach()
-        if cfg.bias_update_rate > 0:
+        if cfg.has_selection_bias:
             choice_TE = choice_TE + self.expert_bias
         if cfg.num_expert_groups > 1:
             choice_TE = self._mask_to_top_groups(choice_TE)
@@ -104,13 +115,15 @@ class TokenChoiceRouter(nn.Module):
     def _mask_to_top_groups(self, choice_TE: Tensor) -> Tensor:
         """Keep only the experts of each token's `topk_groups` best groups (DeepSeek-V3).
 
-        A group's score is the sum of its two best experts' scores for sigmoid routing (as in
-        DeepSeek-V3), its best expert's score otherwise (DeepSeek-V2).
+        A group's score is the sum of its two best experts' scores ('top2_sum', DeepSeek-V3; 'auto'
+        for sigmoid routing) or its best expert's score ('max', DeepSeek-V2; 'auto' otherwise), over
+        whatever scores the router selects by (biased, for any scoring function).
         """
         cfg = self.config
         T, E, G = choice_TE.shape[0], cfg.num_experts, cfg.num_expert_groups
         grouped_TGe = choice_TE.view(T, G, E // G)
-        if cfg.router == "sigmoid_topk" and E // G >= 2:
+        top2 = cfg.group_score == "top2_sum" or (cfg.group_score == "auto" and cfg.router == "sigmoid_topk")
+        if top2 and E // G >= 2:
             group_scores_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores_TG = grouped_TGe.amax(dim=-1)
@@ -118,6 +131,20 @@ class TokenChoiceRouter(nn.Module):
         keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
         keep_TE = keep_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
         return choice_TE.masked_fill(~keep_TE, float("-inf"))
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(bfloat16)` / `.half()` leave the balancing buffers in float32 (or wider): a selection
+        bias rounded to bf16 flips near-tied choices (transformers keeps DeepSeek-V3's in float32
+        too), and a bf16 token count stops counting at 256."""
+        kept = {name: getattr(self, name) for name in ("expert_bias", "tokens_per_expert") if hasattr(self, name)}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype in (torch.float16, torch.bfloat16):
+                wide = torch.empty_like(after, dtype=torch.float32) if before.is_meta or after.is_meta \
+                    else before.to(device=after.device, dtype=torch.float32)
+                setattr(self, name, wide)
+        return self
 
     @torch.no_grad()
     def record_load(self, counts_E: Tensor) -> None:
@@ -129,7 +156,7 @@ class TokenChoiceRouter(nn.Module):
     def update_expert_bias(self) -> None:
         """bias += rate * sign(mean load - load), then reset the load (DeepSeek-V3, Wang et al. 2024)."""
         if self.config.bias_update_rate <= 0:
-            return
+            return  # no bias, or a fixed one (selection_bias)
         load_E = self.tokens_per_expert
         if load_E.sum() > 0:
             self.expert_bias += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)
@@ -144,6 +171,7 @@ class ExpertChoiceRouter(nn.Module):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        self.bias = None
         nn.init.normal_(self.weight, std=config.d_model**-0.5)
 
     def forward(self, x_TD: Tensor) -> Routing:
@@ -155,6 +183,7 @@ class ExpertChoiceRouter(nn.Module):
 
 
 def build_router(config: MoEConfig) -> TokenChoiceRouter | ExpertChoiceRouter:
+    """The router `config.router` names: expert choice, or a token-choice router."""
     if config.router == "expert_choice":
         return ExpertChoiceRouter(config)
     return TokenChoiceRouter(config)

@@ -12,14 +12,22 @@ import torch
 import torch.nn.functional as F
 
 
-def ffn_forward(x_D, w_in, b_in, w_out, b_out, kind: str, activation: str) -> torch.Tensor:
+def ffn_forward(x_D, w_in, b_in, w_out, b_out, kind: str, activation: str,
+                alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     """One feed-forward expert on one token, from the formulas (gated halves are [gate | up])."""
     h = w_in @ x_D
     if b_in is not None:
         h = h + b_in
     if w_out is None:
         return h
-    if kind in ("swiglu", "geglu"):
+    if kind == "clamped_swiglu":  # GPT-OSS, element by element
+        half = h.shape[0] // 2
+        out = []
+        for j in range(half):
+            gate, up = torch.clamp(h[j], max=limit), torch.clamp(h[half + j], -limit, limit)
+            out.append(gate * torch.sigmoid(alpha * gate) * (up + 1))
+        h = torch.stack(out)
+    elif kind in ("swiglu", "geglu"):
         half = h.shape[0] // 2
         gate = F.silu(h[:half]) if kind == "swiglu" else F.gelu(h[:half])
         h = gate * h[half:]
@@ -35,22 +43,27 @@ def expert_forward(moe, e: int, x_D: torch.Tensor) -> torch.Tensor:
     """Expert e of a moekit GroupedExperts on one token."""
     ex = moe.experts
     pick = lambda p: None if p is None else p[e]  # noqa: E731
-    return ffn_forward(x_D, ex.w_in[e], pick(ex.b_in), pick(ex.w_out), pick(ex.b_out), ex.expert_type, ex.activation)
+    return ffn_forward(x_D, ex.w_in[e], pick(ex.b_in), pick(ex.w_out), pick(ex.b_out), ex.expert_type, ex.activation,
+                       ex.swiglu_alpha, ex.swiglu_limit)
 
 
 def shared_forward(moe, x_D: torch.Tensor) -> torch.Tensor:
     sh, cfg = moe.shared_experts, moe.config
     w_out = sh.w_out.weight if sh.w_out is not None else None
     b_out = sh.w_out.bias if sh.w_out is not None else None
-    return ffn_forward(x_D, sh.w_in.weight, sh.w_in.bias, w_out, b_out, cfg.expert_type, cfg.activation)
+    return ffn_forward(x_D, sh.w_in.weight, sh.w_in.bias, w_out, b_out, cfg.expert_type, cfg.activation,
+                       cfg.swiglu_alpha, cfg.swiglu_limit)
 
 
 def token_routing(moe, x_D: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """[(expert, weight)] chosen by one token under a token-choice router."""
     cfg = moe.config
     E, K = cfg.num_experts, cfg.top_k
-    logits = moe.router.weight.float() @ x_D.float()
-    bias = getattr(moe.router, "expert_bias", torch.zeros(E))
+    dtype = torch.float64 if x_D.dtype == torch.float64 else torch.float32
+    logits = moe.router.weight.to(dtype) @ x_D.to(dtype)
+    if getattr(moe.router, "bias", None) is not None:  # a learned router bias (GPT-OSS)
+        logits = logits + moe.router.bias.to(dtype)
+    bias = getattr(moe.router, "expert_bias", torch.zeros(E))  # selection only
     if cfg.router == "soft":
         probs = torch.softmax(logits, dim=0)
         return [(e, probs[e]) for e in range(E)]
@@ -67,7 +80,8 @@ def token_routing(moe, x_D: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         group_scores = []
         for g in range(cfg.num_expert_groups):
             members = sorted((choice[e] for e in range(g * size, (g + 1) * size)), reverse=True)
-            best = members[0] + members[1] if cfg.router == "sigmoid_topk" and size >= 2 else members[0]
+            top2 = cfg.group_score == "top2_sum" or (cfg.group_score == "auto" and cfg.router == "sigmoid_topk")
+            best = members[0] + members[1] if top2 and size >= 2 else members[0]
             group_scores.append((best, g))
         top_groups = [g for _, g in sorted(group_scores, key=lambda s: -s[0])[: cfg.topk_groups]]
         allowed = {e for g in top_groups for e in range(g * size, (g + 1) * size)}
@@ -91,7 +105,8 @@ def reference_moe(moe, x: torch.Tensor):
     # assignments[e] = list of (token, weight, flat index t*K+k) for expert e
     assignments: list[list] = [[] for _ in range(E)]
     if cfg.router == "expert_choice":
-        logits = torch.stack([moe.router.weight.float() @ x_TD[t].float() for t in range(T)]) if T else None
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        logits = torch.stack([moe.router.weight.to(dtype) @ x_TD[t].to(dtype) for t in range(T)]) if T else None
         probs = torch.softmax(logits, dim=1) if T else None
         capacity = min(math.ceil((cfg.capacity_factor or 1.0) * T * cfg.top_k / E), T)
         for e in range(E):
@@ -111,7 +126,8 @@ def reference_moe(moe, x: torch.Tensor):
                 dropped += max(len(ranked) - capacity, 0)
                 assignments[e] = ranked[:capacity]
 
-    rows = [torch.zeros(cfg.d_model, dtype=x.dtype) for _ in range(T)]
+    width = cfg.d_out or cfg.d_model
+    rows = [torch.zeros(width, dtype=x.dtype) for _ in range(T)]
     for e in range(E):
         for t, w, _ in assignments[e]:
             if isinstance(moe.experts, torch.nn.ModuleList):
@@ -126,6 +142,6 @@ def reference_moe(moe, x: torch.Tensor):
             if moe.shared_gate is not None:
                 s = s * torch.sigmoid(moe.shared_gate.weight[0] @ x_TD[t])
             rows[t] = rows[t] + s
-    out = torch.stack(rows).view(x.shape) if T else x.new_zeros(x.shape)
+    out = torch.stack(rows).view(*x.shape[:-1], width) if T else x.new_zeros(*x.shape[:-1], width)
     counts = [len(a) for a in assignments]
     return out, counts, dropped

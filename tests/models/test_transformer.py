@@ -119,7 +119,7 @@ def test_moe_every_and_first_dense_layers():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(d_model=18, n_head=4), "divisible by n_head"),
     (dict(n_head=4, n_kv_head=3), "divisible by n_kv_head"),
-    (dict(ffn_type="relu2"), "unknown ffn_type"),
+    (dict(ffn_type="relu2"), "ffn_type must be one of"),
     (dict(first_dense_layers=5), "first_dense_layers"),
 ])
 def test_bad_config_is_named(kwargs, message):
@@ -146,3 +146,254 @@ def test_top_k_and_top_p_sampling_keep_the_right_tokens():
     frac = (draws == 0).float().mean().item()
     assert abs(frac - 0.5 / 0.8) < 4 * math.sqrt(0.625 * 0.375 / 400)  # renormalised within the nucleus
     assert sample_next_token(logits, 0.0).item() == 0
+
+
+# --- options for released checkpoints: QK-norm, head_dim, biases, windows, sinks, YaRN, latent attention
+
+
+def rope_ref(x_TQ, theta_T_half):
+    """NeoX-layout rotation written with complex numbers: pairs (x[i], x[i + Q/2])."""
+    half = x_TQ.shape[-1] // 2
+    z = torch.complex(x_TQ[..., :half].double(), x_TQ[..., half:].double()) * torch.polar(
+        torch.ones_like(theta_T_half), theta_T_half)
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+def rms_ref(x, weight, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def attention_ref(q_HTQ, k_GSQ, v_GSU, window, sinks_H, scale):
+    """Causal attention one head and one query at a time, with a window and sink logits."""
+    H, T, _ = q_HTQ.shape
+    G = k_GSQ.shape[0]
+    out = torch.zeros(H, T, v_GSU.shape[-1], dtype=q_HTQ.dtype)
+    for h in range(H):
+        g = h // (H // G)
+        for i in range(T):
+            keys = [j for j in range(i + 1) if window is None or i - j < window]
+            logits = [torch.dot(q_HTQ[h, i], k_GSQ[g, j]) * scale for j in keys]
+            if sinks_H is not None:
+                logits.append(sinks_H[h])
+            p = torch.softmax(torch.stack(logits), dim=0)
+            out[h, i] = sum(p[n] * v_GSU[g, j] for n, j in enumerate(keys))
+    return out
+
+
+def angles(config, T):
+    from moekit.models.transformer import rope_inv_freq
+
+    inv_freq, factor = rope_inv_freq(config.rope_dim, config.rope_theta, config.rope_scaling)
+    return torch.outer(torch.arange(T, dtype=torch.float64), inv_freq), factor
+
+
+def randomize_(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "sinks" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+ATTENTION_OPTIONS = {
+    "head-dim-qkv-bias": dict(head_dim=6, qkv_bias=True, n_kv_head=2),
+    "qk-norm-head-window": dict(head_dim=8, qk_norm="head", sliding_window=3),
+    "qk-norm-full-clip": dict(qk_norm="full", clip_qkv=0.3, n_kv_head=2),
+    "sinks-window-out-bias": dict(head_dim=6, attn_sinks=True, sliding_window=4, qkv_bias=True,
+                                  attn_out_bias=True, n_kv_head=1),
+    "yarn": dict(rope_scaling=dict(type="yarn", factor=4.0, original_max_len=8, truncate=False)),
+}
+
+
+@pytest.mark.parametrize("options", ATTENTION_OPTIONS.values(), ids=ATTENTION_OPTIONS.keys())
+def test_attention_options_match_a_plain_reference(options):
+    config = tiny(**options)
+    attn = randomize_(Transformer(config)).blocks[0].attn.eval()
+    H, G, Q = config.n_head, config.n_kv_head, config.attn_head_dim
+    T = 9
+    x = torch.randn(1, T, config.d_model)
+    theta, factor = angles(config, T)
+    cos, sin = (theta.cos() * factor).float(), (theta.sin() * factor).float()
+    out = attn(x, cos, sin)
+
+    x_TD = x[0].double()
+    w = {n: p.detach().double() for n, p in attn.named_parameters()}
+    q = x_TD @ w["q_proj.weight"].t() + (w["q_proj.bias"] if "q_proj.bias" in w else 0)
+    kv = x_TD @ w["kv_proj.weight"].t() + (w["kv_proj.bias"] if "kv_proj.bias" in w else 0)
+    k, v = kv[:, :G * Q], kv[:, G * Q:]
+    if config.qk_norm == "full":
+        q, k = rms_ref(q, w["q_norm.weight"], config.norm_eps), rms_ref(k, w["k_norm.weight"], config.norm_eps)
+    if config.clip_qkv:
+        q, k, v = (t.clamp(-config.clip_qkv, config.clip_qkv) for t in (q, k, v))
+    q, k, v = q.view(T, H, Q), k.view(T, G, Q), v.view(T, G, Q)
+    if config.qk_norm == "head":
+        q, k = rms_ref(q, w["q_norm.weight"], config.norm_eps), rms_ref(k, w["k_norm.weight"], config.norm_eps)
+    q = torch.stack([rope_ref(q[:, h], theta) * factor for h in range(H)])
+    k = torch.stack([rope_ref(k[:, g], theta) * factor for g in range(G)])
+    y = attention_ref(q, k, v.transpose(0, 1), config.sliding_window, w.get("sinks"), Q**-0.5)
+    expected = y.transpose(0, 1).reshape(T, H * Q) @ w["out_proj.weight"].t() + w.get("out_proj.bias", 0)
+    torch.testing.assert_close(out[0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+MLA = dict(kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=5, q_lora_rank=7)
+
+
+@pytest.mark.parametrize("mla", [MLA, dict(MLA, q_lora_rank=None)], ids=["low-rank-q", "full-q"])
+def test_latent_attention_matches_a_plain_reference(mla):
+    scaling = dict(type="yarn", factor=4.0, original_max_len=8, mscale=1.0, mscale_all_dim=0.7)
+    config = tiny(mla=mla, rope_scaling=scaling, qkv_bias=True)
+    attn = randomize_(Transformer(config)).blocks[0].attn.eval()
+    H, T = config.n_head, 7
+    N, R, U, C = 4, 4, 5, 6
+    x = torch.randn(1, T, config.d_model)
+    theta, factor = angles(config, T)
+    out = attn(x, (theta.cos() * factor).float(), (theta.sin() * factor).float())
+
+    x_TD = x[0].double()
+    w = {n: p.detach().double() for n, p in attn.named_parameters()}
+    if mla["q_lora_rank"] is None:
+        q = x_TD @ w["q_proj.weight"].t()
+    else:
+        q_lat = rms_ref(x_TD @ w["q_a_proj.weight"].t() + w["q_a_proj.bias"], w["q_a_norm.weight"], 1e-6)
+        q = q_lat @ w["q_b_proj.weight"].t()
+    q = q.view(T, H, N + R)
+    kv_a = x_TD @ w["kv_a_proj.weight"].t() + w["kv_a_proj.bias"]
+    c, k_rot = rms_ref(kv_a[:, :C], w["kv_a_norm.weight"], 1e-6), rope_ref(kv_a[:, C:], theta) * factor
+    kv = (c @ w["kv_b_proj.weight"].t()).view(T, H, N + U)
+    q_h = torch.stack([torch.cat((q[:, h, :N], rope_ref(q[:, h, N:], theta) * factor), -1) for h in range(H)])
+    k_h = torch.stack([torch.cat((kv[:, h, :N], k_rot), -1) for h in range(H)])
+    v_h = kv[:, :, N:].transpose(0, 1)
+    mscale = 0.1 * 0.7 * math.log(4.0) + 1
+    y = attention_ref(q_h, k_h, v_h, None, None, (N + R) ** -0.5 * mscale**2)
+    expected = y.transpose(0, 1).reshape(T, H * U) @ w["out_proj.weight"].t()
+    torch.testing.assert_close(out[0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+CACHED = {
+    "window-sinks-alternating": tiny(MOE, sliding_window=3, sliding_window_layers=[0], attn_sinks=True,
+                                     head_dim=6, n_kv_head=2),
+    "qk-norm-yarn": tiny(MOE, qk_norm="head", rope_scaling=dict(type="yarn", factor=2.0, original_max_len=8)),
+    "mla": tiny(MOE, mla=MLA, moe_layers=[1]),
+    "gpt-oss-experts": tiny(dict(MOE, expert_type="clamped_swiglu", expert_bias=True, router_bias=True,
+                                 router="topk_softmax"), qkv_bias=True, attn_out_bias=True, attn_sinks=True),
+}
+
+
+@pytest.mark.parametrize("config", CACHED.values(), ids=CACHED.keys())
+def test_kv_cache_and_causality_with_checkpoint_options(config):
+    torch.manual_seed(0)
+    model = randomize_(Transformer(config)).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 11))
+    full, _ = model(idx)
+    cache = model.new_cache(2)
+    pieces = [model(idx[:, :4], cache=cache)[0], model(idx[:, 4:7], cache=cache)[0]]
+    pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 11)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    changed = idx.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % config.vocab_size
+    torch.testing.assert_close(model(changed)[0][:, :6], full[:, :6])
+
+
+def test_sliding_window_limits_what_a_query_sees():
+    model = Transformer(tiny(sliding_window=2, n_layer=1)).eval()
+    idx = torch.randint(0, 37, (1, 8))
+    changed = idx.clone()
+    changed[0, 0] = (idx[0, 0] + 1) % 37
+    logits, changed_logits = model(idx)[0], model(changed)[0]
+    assert not torch.allclose(logits[0, 1], changed_logits[0, 1])  # position 1 sees position 0
+    torch.testing.assert_close(logits[0, 2:], changed_logits[0, 2:])  # position 2 on do not
+
+
+@pytest.mark.parametrize("scaling", [
+    dict(rope_type="linear", factor=4.0),
+    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=64),
+    dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
+         truncate=False),
+    dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.8),
+], ids=["linear", "llama3", "yarn-gpt-oss", "yarn-deepseek"])
+def test_rope_scaling_matches_transformers(scaling):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moekit.models.transformer import RopeScaling, rope_inv_freq
+
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=2048,
+                     rope_parameters=dict(rope_theta=5000.0, **scaling))
+    hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf, "cpu")
+    ours = RopeScaling(type=scaling["rope_type"], factor=scaling["factor"],
+                       original_max_len=scaling.get("original_max_position_embeddings"),
+                       **{k: v for k, v in scaling.items() if k in ("low_freq_factor", "high_freq_factor", "beta_fast",
+                                                                    "beta_slow", "mscale", "mscale_all_dim",
+                                                                    "truncate")})
+    inv_freq, factor = rope_inv_freq(32, 5000.0, ours)
+    torch.testing.assert_close(inv_freq.float(), hf_inv_freq, rtol=1e-6, atol=0)
+    assert factor == pytest.approx(hf_factor)
+
+
+def test_moe_layers_list_and_explicit_head_dim():
+    config = tiny(MOE, n_layer=4, moe_layers=[0, 3], head_dim=10)
+    model = Transformer(config)
+    assert model.moe_layers == [0, 3]
+    assert model.blocks[0].attn.q_proj.weight.shape == (4 * 10, 16)
+    assert model.blocks[0].attn.out_proj.weight.shape == (16, 4 * 10)
+
+
+@pytest.mark.parametrize("config", [
+    tiny(MOE, mla=MLA, rope_scaling=dict(type="yarn", factor=4.0, original_max_len=8, mscale_all_dim=1.0)),
+    tiny(dict(MOE, selection_bias=True, router="sigmoid_topk"), sliding_window=3, sliding_window_layers=[1],
+         qk_norm="full", clip_qkv=2.0, moe_layers=[1]),
+], ids=["mla-yarn", "windows-qk-norm"])
+def test_config_round_trips_through_json_and_the_model_folder(config, tmp_path):
+    import json
+
+    from moekit.config import build_dataclass, config_dict
+
+    data = json.loads(json.dumps(config_dict(config)))
+    assert build_dataclass(TransformerConfig, data) == config
+    model = randomize_(Transformer(config)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
+    idx = torch.randint(0, 37, (1, 9))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(head_dim=5), "head dim must be even for RoPE (got 5)"),
+    (dict(head_dim=0), "head_dim must be >= 1 (got 0)"),
+    (dict(qk_norm="layer"), "qk_norm must be one of head, full (got 'layer')"),
+    (dict(sliding_window=0), "sliding_window must be >= 1 (got 0)"),
+    (dict(sliding_window_layers=[0]), "sliding_window_layers needs sliding_window"),
+    (dict(sliding_window=4, sliding_window_layers=[2]), "sliding_window_layers[] must be <= 1 (got 2)"),
+    (dict(moe_layers=[0, 0]), "moe_layers lists a layer twice"),
+    (dict(clip_qkv=float("nan")), "clip_qkv must be a finite number (got nan)"),
+    (dict(rope_scaling=dict(type="dynamic")), "rope_scaling.type must be one of linear, llama3, yarn"),
+    (dict(rope_scaling=dict(type="yarn", factor=4.0)), "rope_scaling.original_max_len is required"),
+    (dict(mla=dict(qk_rope_head_dim=3)), "mla.qk_rope_head_dim must be even"),
+    (dict(mla=MLA, attn_sinks=True), "do not apply to latent attention"),
+    (dict(n_layer=2.5), "n_layer must be an integer (got 2.5)"),
+    (dict(dropout=1.0), "dropout must be < 1.0 (got 1.0)"),
+])
+def test_bad_checkpoint_options_are_named(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        tiny(**kwargs)
+    assert message in str(info.value)
+
+
+def test_moe_output_width_must_match_the_model():
+    with pytest.raises(ValueError, match="moe.d_out=3 must equal d_model=16"):
+        tiny(dict(MOE, d_out=3))
+
+
+def test_every_config_field_is_documented():
+    import dataclasses
+
+    from moekit.config import field_docs
+    from moekit.models.transformer import MLAConfig, RopeScaling
+
+    for cls in (TransformerConfig, MoEConfig, RopeScaling, MLAConfig):
+        docs = field_docs(cls)
+        undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not undocumented, f"{cls.__name__}: {undocumented}"
+        assert "Fields:" in cls.__doc__
