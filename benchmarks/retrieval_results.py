@@ -7,6 +7,8 @@ Protocol (leave-last-out): each user's latest rating is held out; every model sc
 catalogue with the user's training items excluded; Recall@K / Hit@K for K in {10, 20, 50, 100}
 over all users; mean +- std over seeds. ALS's hyper-parameters are picked on the validation split
 (second-latest rating) from a small grid, with seed 0; the two-tower settings are fixed.
+
+The ALS baseline (the `implicit` library) lives here, never in the package.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +29,42 @@ sys.path.insert(0, str(REPO))
 from moekit.commands.info import environment_summary  # noqa: E402
 from moekit.data.movielens import load_movielens  # noqa: E402
 from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
+from moekit.models.two_tower import TwoTowerOptions  # noqa: E402
 from moekit.train.retrieval import (  # noqa: E402
     KS,
-    RetrievalTrainConfig,
-    als_scores,
+    RetrievalData,
+    RetrievalDataConfig,
+    TwoTowerRunConfig,
+    TwoTowerTrainSettings,
     evaluate_scores,
+    fit,
     popularity_scores,
     prepare_retrieval_data,
-    train_two_tower,
 )
 
 ALS_GRID = [dict(factors=f, regularization=r, alpha=a) for f in (32, 64, 128) for r in (0.01, 0.1)
             for a in (1.0, 5.0)]
+
+
+def als_scores(data: RetrievalData, factors: int = 64, regularization: float = 0.05, alpha: float = 1.0,
+               iterations: int = 15, seed: int = 0) -> torch.Tensor:
+    """Matrix-factorisation baseline: implicit-feedback ALS (Hu, Koren & Volinsky 2008) from the
+    `implicit` library, on the binary training matrix scaled by `alpha`; (U', I) scores of the
+    evaluated users."""
+    import scipy.sparse as sp
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    ui = sp.csr_matrix((np.full(len(data.train_user), alpha, dtype=np.float32),
+                        (data.train_user.numpy(), data.train_item.numpy())),
+                       shape=(data.num_users, data.num_items))
+    ui.sum_duplicates()
+    with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(factors=factors, regularization=regularization, iterations=iterations,
+                                        random_state=seed, num_threads=torch.get_num_threads())
+        model.fit(ui, show_progress=False)
+    users = torch.from_numpy(np.asarray(model.user_factors))[data.eval_user]
+    return users @ torch.from_numpy(np.asarray(model.item_factors)).T
 
 
 def commit() -> str:
@@ -64,13 +91,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     ml = load_movielens(args.data_dir, args.dataset)
-    two_tower = {"tower": "mlp", "dim": 64, "hidden": 128, "ffn_hidden": 256, "history_len": 50}
+    two_tower = TwoTowerOptions(tower="mlp", dim=64, hidden=128, ffn_hidden=256, history_len=50)
 
-    valid = prepare_retrieval_data(ml, "valid", two_tower["history_len"])
+    valid = prepare_retrieval_data(ml, "valid", two_tower.history_len)
     tuned = max(ALS_GRID, key=lambda p: evaluate_scores(als_scores(valid, seed=0, **p), valid)["Hit@50"])
     print(f"ALS chosen on validation: {tuned}", flush=True)
 
-    data = prepare_retrieval_data(ml, "test", two_tower["history_len"])
+    data = prepare_retrieval_data(ml, "test", two_tower.history_len)
     results: dict[str, list[dict]] = {"most-popular": [], "ALS (implicit)": [], "two-tower, MLP towers": [],
                                       "two-tower, MoE towers (4 experts, top-2)": []}
     seconds: dict[str, list[float]] = {k: [] for k in results}
@@ -82,13 +109,15 @@ def main() -> None:
         results["ALS (implicit)"].append(evaluate_scores(als_scores(data, seed=seed, **tuned), data))
         seconds["ALS (implicit)"].append(time.perf_counter() - t)
         for name, tower in (("two-tower, MLP towers", "mlp"), ("two-tower, MoE towers (4 experts, top-2)", "moe")):
-            cfg = RetrievalTrainConfig(seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                       model={**two_tower, "tower": tower}, progress=False)
-            _, report = train_two_tower(cfg, ml, data)
-            results[name].append(report["metrics"])
-            seconds[name].append(report["train_seconds"])
-            print(f"seed {seed} {name}: Hit@50 {report['metrics']['Hit@50']:.4f} "
-                  f"({report['train_seconds']:.0f} s)", flush=True)
+            cfg = TwoTowerRunConfig(
+                model=replace(two_tower, tower=tower), data=RetrievalDataConfig(dataset=args.dataset, data_dir=args.data_dir),
+                train=TwoTowerTrainSettings(seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                            threads=args.threads, progress=False))
+            t = time.perf_counter()
+            result = fit(cfg, ml=ml, data=data)
+            results[name].append(result.test)
+            seconds[name].append(time.perf_counter() - t)  # training and evaluation, as for the baselines
+            print(f"seed {seed} {name}: Hit@50 {result.test['Hit@50']:.4f} ({seconds[name][-1]:.0f} s)", flush=True)
 
     def cell(name: str, metric: str) -> str:
         values = np.array([r[metric] for r in results[name]])
