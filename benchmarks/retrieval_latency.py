@@ -26,8 +26,8 @@ from benchmarks.retrieval_results import commit  # noqa: E402
 from moekit.commands.info import environment_summary  # noqa: E402
 from moekit.data.movielens import load_movielens  # noqa: E402
 from moekit.io import atomic_write_text  # noqa: E402
-from moekit.models.two_tower import TwoTower, TwoTowerConfig  # noqa: E402
-from moekit.train.retrieval import ItemIndex, prepare_retrieval_data  # noqa: E402
+from moekit.models.two_tower import TwoTower, TwoTowerOptions  # noqa: E402
+from moekit.train.retrieval import ItemIndex, model_config, prepare_retrieval_data  # noqa: E402
 
 
 def timed(fn, repeats: int) -> np.ndarray:
@@ -54,9 +54,10 @@ def main() -> None:
 
     faiss.omp_set_num_threads(1)
     ml = load_movielens(args.data_dir, args.dataset)
-    data = prepare_retrieval_data(ml, "test", 50)
+    options = TwoTowerOptions(tower="moe")  # `moekit train two-tower --tower moe`'s model
+    data = prepare_retrieval_data(ml, "test", options.history_len, options.num_year_buckets)
     torch.manual_seed(0)
-    model = TwoTower(TwoTowerConfig(num_users=ml.num_users, num_items=ml.num_items, tower="moe")).eval()
+    model = TwoTower(model_config(options, ml)).eval()
     model.set_side_features(**data.side)
     items = model.all_item_embeddings().numpy()
     rng = np.random.default_rng(0)
