@@ -2,9 +2,12 @@
 
     python benchmarks/lm_results.py          # train both models (in parallel, one thread each), report
     python benchmarks/lm_results.py --reuse  # report from finished runs whose config matches
+    python benchmarks/lm_results.py --quick --runs-dir /tmp/lm --out /tmp/lm/lm.md   # a 20-step smoke run
 
 Both runs get the same data, seed, token budget and active parameters per token; they train at the
-same time, one thread each, so on a shared machine both see the same background load.
+same time, one thread each, so on a shared machine both see the same background load. Each trains
+with `moekit.train.lm.fit` on a config shipped with moekit (what `moekit train lm --config
+shakespeare_dense` trains), in its own process, under moekit's glibc malloc setting.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -22,10 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moekit.cli import MALLOC_TUNABLES  # noqa: E402
+from moekit.config import apply_overrides, build_dataclass, read_yaml  # noqa: E402
 from moekit.io import atomic_write_text  # noqa: E402
-from moekit.train.lm import load_lm_config  # noqa: E402
+from moekit.train.lm import LMConfig  # noqa: E402
 
-CONFIGS = {"dense": "configs/lm/shakespeare_dense.yaml", "moe": "configs/lm/shakespeare_moe.yaml"}
+CONFIGS = {"dense": REPO / "moekit/configs/lm/shakespeare_dense.yaml",
+           "moe": REPO / "moekit/configs/lm/shakespeare_moe.yaml"}
+TEXT = "../shared/data/text/tinyshakespeare.txt"
+# --quick: a few steps, a short final evaluation, the same models.
+QUICK = ["train.max_steps=20", "train.eval_interval=10", "train.log_interval=5", "train.checkpoint_interval=20",
+         "train.final_eval_tokens=16384"]
 
 
 def git_commit() -> str:
@@ -36,52 +46,69 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_is_finished(config) -> bool:
-    out = REPO / config.out_dir
+def load_config(path: Path, text: str, overrides: list[str]) -> LMConfig:
+    """A shipped config with the benchmark's text and `overrides` (section.key=value)."""
+    data = read_yaml(path)
+    data.setdefault("data", {})["path"] = text
+    return build_dataclass(LMConfig, apply_overrides(data, overrides), str(path))
+
+
+def run_is_finished(config: LMConfig, out: Path) -> bool:
+    """Whether `out` holds a finished run of `config` (model and schedule equal; runtime keys may differ)."""
+    from moekit.train.lm import config_from_run
+    from moekit.train.run import read_run_config
+
     if not (out / "results.json").is_file() or not (out / "config.json").is_file():
         return False
-    saved = json.loads((out / "config.json").read_text())
-    return saved["model"] == config.to_dict()["model"] and saved["data"] == config.to_dict()["data"] \
+    saved = config_from_run(read_run_config(out))
+    runtime = set(config.train.RUNTIME_KEYS)
+    same_train = all(getattr(saved.train, k) == getattr(config.train, k) for k in vars(config.train)
+                     if k not in runtime)
+    return saved.model == config.model and same_train \
         and json.loads((out / "results.json").read_text())["steps"] == config.total_steps
 
 
-def train_all(configs: dict, reuse: bool) -> None:
-    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES, MOEKIT_NO_REEXEC="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+def train_one(config: LMConfig, out: Path, log_path: Path) -> None:
+    """One run, in its own process (spawned): `fit` into `out`, its output into `log_path`."""
+    from moekit.train.lm import fit
+
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+        fit(config, out, mode="overwrite")
+
+
+def train_all(configs: dict[str, LMConfig], outs: dict[str, Path], reuse: bool) -> None:
+    """Train the runs not reused, side by side, one process each."""
     procs = {}
-    for name, path in CONFIGS.items():
-        if reuse and run_is_finished(configs[name]):
-            print(f"{name}: reusing finished run in {configs[name].out_dir}")
+    spawn = multiprocessing.get_context("spawn")
+    for name, config in configs.items():
+        if reuse and run_is_finished(config, outs[name]):
+            print(f"{name}: reusing finished run in {outs[name]}")
             continue
-        log = open(REPO / f"{configs[name].out_dir}.log", "w")  # noqa: SIM115 (closed when the run ends)
-        cmd = [sys.executable, "-m", "moekit", "train", "lm", "--config", path, "progress=false"]
-        print(f"{name}: {' '.join(cmd[1:])}")
-        atomic_write_text(REPO / f"{configs[name].out_dir}.commit", git_commit() + "\n")
-        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        outs[name].parent.mkdir(parents=True, exist_ok=True)
+        log = outs[name].with_name(outs[name].name + ".log")
+        print(f"{name}: training into {outs[name]} (log {log})")
+        atomic_write_text(outs[name].with_name(outs[name].name + ".commit"), git_commit() + "\n")
+        procs[name] = (spawn.Process(target=train_one, args=(config, outs[name], log)), log)
+        procs[name][0].start()
     for name, (proc, log) in procs.items():
-        if proc.wait() != 0:
-            raise SystemExit(f"{name} run failed; see {log.name}")
-        log.close()
-
-
-def read_csv(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        proc.join()
+        if proc.exitcode != 0:
+            raise SystemExit(f"{name} run failed; see {log}")
 
 
 def sample(out_dir: Path, prompt: str, tokens: int = 240) -> str:
     import torch
 
     from moekit.data.text import StreamDecoder
-    from moekit.train.lm import load_trained_lm
+    from moekit.train.lm import load_run
 
-    model, _, tokenizer, _ = load_trained_lm(str(out_dir), "cpu")
-    decoder = StreamDecoder(tokenizer)
-    idx = torch.tensor([tokenizer.encode(prompt)])
+    loaded = load_run(out_dir, "cpu")
+    decoder = StreamDecoder(loaded.tokenizer)
+    idx = torch.tensor([loaded.tokenizer.encode(prompt)])
     text = "".join(decoder.push(int(t[0])) for t in
-                   model.generate(idx, tokens, 0.8, top_k=40, generator=torch.Generator().manual_seed(0)))
+                   loaded.model.generate(idx, tokens, 0.8, top_k=40, generator=torch.Generator().manual_seed(0)))
     return prompt + text
 
 
@@ -90,54 +117,65 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true", help="skip runs that already finished\n"
                         "with this config")
     parser.add_argument("--out", default="docs/results/lm.md")
+    parser.add_argument("--runs-dir", default="runs/lm", help="where the run folders go (shakespeare_{dense,moe})")
+    parser.add_argument("--text", default=TEXT, help="the training text")
+    parser.add_argument("--quick", action="store_true", help="20 steps each and a short final evaluation: a smoke run")
     args = parser.parse_args(argv)
+    if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:  # both runs inherit it; acts at start-up
+        os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)],
+                  dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES))
 
     from moekit.commands.info import environment_summary
-    from moekit.train.lm_plots import plot_expert_load, plot_loss_curves
+    from moekit.plots import expert_load_heatmap, loss_curves
+    from moekit.train.run import read_metrics
 
-    configs = {name: load_lm_config(REPO / path) for name, path in CONFIGS.items()}
+    text = str((REPO / args.text).resolve())
+    configs = {name: load_config(path, text, QUICK if args.quick else []) for name, path in CONFIGS.items()}
+    outs = {name: REPO / args.runs_dir / path.stem for name, path in CONFIGS.items()}
     started = time.time()
-    train_all(configs, args.reuse)
-    results = {n: json.loads((REPO / c.out_dir / "results.json").read_text()) for n, c in configs.items()}
-    metrics = {n: read_csv(REPO / c.out_dir / "metrics.csv") for n, c in configs.items()}
+    train_all(configs, outs, args.reuse)
+    results = {n: json.loads((out / "results.json").read_text()) for n, out in outs.items()}
+    metrics = {n: read_metrics(out / "metrics.csv") for n, out in outs.items()}
     out = REPO / args.out
     png_loss = out.with_name("lm_loss.png")
     png_load = out.with_name("lm_expert_load.png")
-    plot_loss_curves({f"{n} ({results[n]['parameters']['total'] / 1e6:.2f}M params)": metrics[n]
-                      for n in configs}, png_loss)
-    plot_expert_load(read_csv(REPO / configs["moe"].out_dir / "expert_load.csv"), png_load)
-    load_rows = read_csv(REPO / configs["moe"].out_dir / "expert_load.csv")
+    loss_curves({f"{n} ({results[n]['parameters']['total'] / 1e6:.2f}M params)": metrics[n] for n in configs},
+                png_loss)
+    load_rows = read_metrics(outs["moe"] / "expert_load.csv")
+    expert_load_heatmap(load_rows, png_load)
     last_step = max(int(r["step"]) for r in load_rows)
     imbalance = {int(r["layer"]): float(r["max_over_mean"]) for r in load_rows if int(r["step"]) == last_step}
 
     dense, moe = results["dense"], results["moe"]
+    train = configs["dense"].train
     # The runs start together but need not end together; the one still running alone then gets
     # the whole machine. Compare throughput over the time both were running.
     overlap = min(float(rows[-1]["elapsed_s"]) for rows in metrics.values())
     rate_overlap = {n: float([r for r in rows if float(r["elapsed_s"]) <= overlap][-1]["tokens_per_s"])
                     for n, rows in metrics.items()}
     speed_ratio = rate_overlap["moe"] / rate_overlap["dense"]
-    loss_gap = dense["val_loss"] - moe["val_loss"]
+    loss_gap = dense["test"]["val_loss"] - moe["test"]["val_loss"]
     env = environment_summary()
-    run_commits = {n: (REPO / f"{c.out_dir}.commit").read_text().strip()
-                   if (REPO / f"{c.out_dir}.commit").is_file() else "unknown" for n, c in configs.items()}
+    commit_files = {n: out.with_name(out.name + ".commit") for n, out in outs.items()}
+    run_commits = {n: f.read_text().strip() if f.is_file() else "unknown" for n, f in commit_files.items()}
     mcfg = configs["moe"].model
     lines = [
         "# MoE language model vs its dense twin (TinyShakespeare, byte level)",
         "",
-        f"Produced by `python benchmarks/lm_results.py{' --reuse' if args.reuse else ''}` at commit "
+        f"Produced by `python benchmarks/lm_results.py{' '.join(['', *(sys.argv[1:] if argv is None else argv)])}` "
+        "at commit "
         f"`{git_commit()}` on {env['platform']} ({env['cpu_count']} CPU cores, shared with other jobs; "
         f"torch {env['torch']}). Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "## Protocol",
         "",
-        f"- Data: `../shared/data/text/tinyshakespeare.txt`, byte-level tokens (vocab 256); first 90% train "
+        f"- Data: `{args.text}`, byte-level tokens (vocab 256); first 90% train "
         f"({configs['dense'].data.val_fraction:.0%} held out at the end for validation).",
         f"- Both models: {mcfg.n_layer} layers, d_model {mcfg.d_model}, {mcfg.n_head} heads, context "
-        f"{mcfg.block_size}, RoPE, RMSNorm, SwiGLU, tied embeddings; AdamW (lr {configs['dense'].lr}, "
-        f"warm-up {configs['dense'].warmup_steps} steps, cosine to {configs['dense'].min_lr_ratio:.0%}), "
-        f"clip {configs['dense'].grad_clip}, batch {configs['dense'].batch_size} x {mcfg.block_size} tokens, "
-        f"seed {configs['dense'].seed}, float32.",
+        f"{mcfg.block_size}, RoPE, RMSNorm, SwiGLU, tied embeddings; AdamW (lr {train.lr}, "
+        f"warm-up {train.warmup_steps} steps, cosine to {train.min_lr_ratio:.0%}), "
+        f"clip {train.grad_clip}, batch {train.batch_size} x {mcfg.block_size} tokens, "
+        f"seed {train.seed}, float32.",
         f"- Dense: FFN width {configs['dense'].model.d_ff}. MoE: every FFN is "
         f"{mcfg.moe.num_experts} experts of "
         f"width {mcfg.moe.d_ff}, top-{mcfg.moe.top_k} ({mcfg.moe.router}), so each token uses "
@@ -147,12 +185,16 @@ def main(argv=None) -> int:
         f"- Same training tokens ({dense['tokens']:,}), same seed, same data order. The two runs trained at "
         "the same time, one thread each, so they shared the machine's background load equally; absolute "
         "tokens/s depend on that load, the ratio much less.",
-        "- Training runs: `moekit train lm --config configs/lm/shakespeare_{dense,moe}.yaml progress=false`, "
-        "started together (training code at commit "
+        "- Training runs: `moekit.train.lm.fit` on `moekit/configs/lm/shakespeare_{dense,moe}.yaml` (what `moekit "
+        "train lm --config shakespeare_{dense,moe}` trains), one process each, started together (training code at "
+        "commit "
         + ", ".join(f"{n}: `{c}`" for n, c in run_commits.items()) + ").",
-        "- Validation loss: mean cross-entropy over the whole validation split (consecutive windows of the "
-        "context length), after the last step. The curves' validation points use the first 16,384 "
-        "validation tokens only (a cheaper periodic check), so they differ from the final full-split numbers.",
+        "- Validation loss: mean cross-entropy over "
+        + ("the whole validation split" if not train.final_eval_tokens else
+           f"the first {train.final_eval_tokens:,} validation tokens")
+        + " (consecutive windows of the context length), after the last step. The curves' validation points use "
+        f"the first {train.eval_tokens:,} validation tokens only (a cheaper periodic check), so they differ from "
+        "the final full-split numbers.",
         "",
         "## Results",
         "",
@@ -164,8 +206,8 @@ def main(argv=None) -> int:
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['parameters']['total']:,} | {r['parameters']['active']:,} | "
-            f"{r['val_loss']:.4f} | "
-            f"{r['val_bits_per_byte']:.4f} | {math.exp(r['val_loss']):.3f} | "
+            f"{r['test']['val_loss']:.4f} | "
+            f"{r['test']['val_bits_per_byte']:.4f} | {math.exp(r['test']['val_loss']):.3f} | "
             f"{r['train_tokens_per_s']:,.0f} | {rate_overlap[name]:,.0f} | "
             f"{rate_overlap[name] / rate_overlap['dense']:.2f}x | {r['peak_memory_mb']:,.0f} | "
             f"{r['train_seconds']:,.0f} |")
@@ -174,7 +216,8 @@ def main(argv=None) -> int:
     lines += [
         "",
         f"- Target 1, MoE reaches a lower validation loss than the dense twin: **{verdict_loss}** "
-        f"(dense {dense['val_loss']:.4f} - MoE {moe['val_loss']:.4f} = {loss_gap:+.4f} nats/token).",
+        f"(dense {dense['test']['val_loss']:.4f} - MoE {moe['test']['val_loss']:.4f} = {loss_gap:+.4f} "
+        "nats/token).",
         f"- Target 2, MoE trains at >= 0.7x the dense twin's tokens/s: **{verdict_speed}** "
         f"({speed_ratio:.2f}x, measured over the first {overlap:,.0f} s, while both runs were training; "
         f"over each whole run it is {moe['train_tokens_per_s'] / dense['train_tokens_per_s']:.2f}x, "
@@ -193,8 +236,8 @@ def main(argv=None) -> int:
         "## Samples (temperature 0.8, top-k 40, seed 0)",
         "",
     ]
-    for name, c in configs.items():
-        lines += [f"**{name}**", "", "```", sample(REPO / c.out_dir, "ROMEO:\n"), "```", ""]
+    for name, run in outs.items():
+        lines += [f"**{name}**", "", "```", sample(run, "ROMEO:\n"), "```", ""]
     lines += [
         "## Not covered",
         "",
@@ -204,7 +247,8 @@ def main(argv=None) -> int:
         "model.vocab_size=4096`).",
         "",
         f"(benchmark wall time {time.time() - started:,.0f} s; run folders "
-        + ", ".join(f"`{c.out_dir}`" for c in configs.values()) + ")",
+        + ", ".join(f"`{run.relative_to(REPO) if run.is_relative_to(REPO) else run}`" for run in outs.values())
+        + ")",
     ]
     atomic_write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
