@@ -140,6 +140,7 @@ def iter_table(path: str | os.PathLike, chunk_rows: int, columns: Sequence[str] 
 
 
 def require_columns(frame, columns: Sequence[str], path: Path, delimiter: str | None = None) -> None:
+    """Every one of `columns` is in `frame`; else one line naming the missing ones and the columns there are."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         have = list(frame.columns)

@@ -100,7 +100,7 @@ def test_mean_pooling_is_the_mean_of_history_embeddings():
 
 
 def test_bad_config_and_side_features_are_rejected():
-    with pytest.raises(ValueError, match="tower must be one of mlp, moe \(got 'cnn'\)"):
+    with pytest.raises(ValueError, match=r"tower must be one of mlp, moe \(got 'cnn'\)"):
         TwoTowerConfig(num_users=1, num_items=1, tower="cnn")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         TwoTowerConfig(num_users=1, num_items=1, temperature=0)
