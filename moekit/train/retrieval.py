@@ -242,7 +242,7 @@ def check_cutoffs(ks: tuple[int, ...], data: RetrievalData) -> None:
     room = data.num_items - most_seen
     if max(ks) > room:
         raise ConfigError(f"train.ks: k={max(ks)} but a user has only {room} unseen items out of {data.num_items} "
-                          f"(pass smaller cut-offs, e.g. --ks 10,20)")
+                          f"(pass cut-offs up to {room}, e.g. --ks {','.join(str(k) for k in ks if k <= room) or 1})")
 
 
 class InBatchObjective(nn.Module):
