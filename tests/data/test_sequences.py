@@ -136,3 +136,29 @@ def test_real_ml100k_counts(shared_data):
     positive = load_sequences("ml-100k", shared_data / "ml-100k", min_rating=4, core=0)
     ratings = read_ratings(movielens_file(shared_data / "ml-100k", "ml-100k", "ratings"))
     assert positive.num_interactions == int((ratings[:, 2] >= 4).sum())
+
+
+def test_movielens_and_beauty_read_through_the_generic_log_give_the_same_sequences(shared_data, tmp_path):
+    """The public datasets are definitions on the generic path: the same ratings written as a plain
+    interactions file (with a header) give the same sequences, ids and order."""
+    import gzip
+
+    from moekit.data.interactions import InteractionsConfig
+    from moekit.data.sequences import load_beauty, load_interactions, load_movielens
+
+    lines = gzip.open(shared_data / "ml-100k/u.data.gz", "rt").read()
+    (tmp_path / "ml.tsv").write_text("user\titem\trating\ttimestamp\n" + lines)
+    config = InteractionsConfig(path=str(tmp_path / "ml.tsv"), rating_column="rating")
+    generic, public = load_interactions(config, core=5), load_movielens(shared_data / "ml-100k")
+    assert generic.sequences == public.sequences and generic.raw_user_ids == public.raw_user_ids
+    assert generic.raw_item_ids == public.raw_item_ids
+
+    rows = [line.split() for line in gzip.open(shared_data / "amazon-beauty/Beauty.txt.gz", "rt").read().splitlines()]
+    log = ["user,item"] + [f"{r[0]},{item}" for r in rows[:3000] for item in r[1:]]
+    (tmp_path / "beauty.csv").write_text("\n".join(log) + "\n")
+    generic = load_interactions(InteractionsConfig(path=str(tmp_path / "beauty.csv"), time_column=None))
+    public = load_beauty(shared_data / "amazon-beauty")
+    kept = set(generic.raw_user_ids)
+    expected = [[public.raw_item_ids[i] for i in seq] for u, seq in zip(public.raw_user_ids, public.sequences,
+                                                                          strict=True) if u in kept]
+    assert [[generic.raw_item_ids[i] for i in seq] for seq in generic.sequences] == expected
