@@ -57,6 +57,14 @@ def base_config(args) -> MTLConfig:
     )
 
 
+def unreachable(run: dict) -> dict[str, list[int]]:
+    """Per task, the experts its gate cannot weigh: under PLE, the other tasks' specific experts (named
+    '<task> <i>'; shared experts are 'shared <i>'). Empty for OMoE and MMoE."""
+    names = run["expert_names"]
+    return {task: [i for i, name in enumerate(names) if not name.startswith(("shared ", f"{task} "))]
+            for task in run["gates"]} if any(n.startswith("shared ") for n in names) else {}
+
+
 def run_record(result: TrainResult, seed: int, tasks) -> dict:
     """What mtl.json keeps of one moekit run (the same keys torch-rechub's runs have, and the gates)."""
     record = {
@@ -217,9 +225,11 @@ def _later_changes(commit: str) -> list[str]:
                          capture_output=True, text=True).stdout.strip().splitlines()
     if not log:
         return []
-    return [f"- moekit/ changed after the runs were made ({len(log)} commit(s): "
-            + "; ".join(f"`{line.split(' ', 1)[0]}` {line.split(' ', 1)[1]}" for line in log)
-            + "). Rerun the command to reproduce at the current commit."]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    return [f"- moekit/ changed after the runs were made ({len(log)} commit(s), `{commit}..{head}`; "
+            "`git log` lists them). docs/results/reproduce.md reruns one configuration per report at a "
+            "current commit. Rerun the command to reproduce everything at the current commit."]
 
 
 def _cap_note(results: dict, cap: int) -> str:
@@ -316,8 +326,8 @@ def main() -> int:
         write_report(results, args, out_dir)
     g1 = results["groups"].get("1")
     if g1:
-        panels = {f"moekit {name}": (g1["moekit"][name][0]["gates"],
-                                     g1["moekit"][name][0]["expert_names"])
+        panels = {f"moekit {name}": (g1["moekit"][name][0]["gates"], g1["moekit"][name][0]["expert_names"],
+                                     unreachable(g1["moekit"][name][0]))
                   for name in ("omoe", "mmoe", "ple") if g1["moekit"].get(name)}
         gate_heatmap(panels, out_dir / "mtl_gates.png",
                      "Census-Income group 1 (test-file-only split): mean gate weight per expert, seed 0")

@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except (CommandError, ValueError, FileNotFoundError, OSError, RuntimeError) as error:
+    except (CommandError, ValueError, FileNotFoundError, OSError, RuntimeError, EOFError) as error:
         if args.debug:
             raise
         print(f"moekit: error: {one_line(error)}", file=sys.stderr)

@@ -82,17 +82,21 @@ def annotated_heatmap(ax, matrix: np.ndarray, row_labels: Sequence[str], col_lab
     bar.set_label(colorbar_label)
 
 
-def gate_heatmap(panels: dict[str, tuple[dict[str, list[float]], list[str]]], path: str | os.PathLike,
-                 title: str = "", unreachable: dict[str, list[int]] | None = None) -> Path:
+def gate_heatmap(panels: dict[str, tuple], path: str | os.PathLike, title: str = "",
+                 unreachable: dict[str, list[int]] | None = None) -> Path:
     """Multi-task gates: one heatmap per panel (e.g. per model), tasks x experts, colour = mean gate
-    weight. `unreachable[task]` lists experts the task's gate cannot see (PLE), drawn as missing."""
+    weight. A panel is (gates by task, expert names[, unreachable]); `unreachable[task]` lists the
+    experts the task's gate cannot see (PLE), drawn as missing, not as zeros (the `unreachable`
+    argument serves a panel that has none of its own)."""
     plt = pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.3 + 1.8 * len(panels)), squeeze=False)
-    for ax, (name, (gates, experts)) in zip(axes[:, 0], panels.items(), strict=True):
+    for ax, (name, panel) in zip(axes[:, 0], panels.items(), strict=True):
+        gates, experts = panel[0], panel[1]
+        hidden = panel[2] if len(panel) > 2 else (unreachable or {})
         matrix = np.array(list(gates.values()), dtype=float)
         missing = np.zeros(matrix.shape, dtype=bool)
         for i, task in enumerate(gates):
-            for e in (unreachable or {}).get(task, []):
+            for e in hidden.get(task, []):
                 missing[i, e] = True
         annotated_heatmap(ax, matrix, list(gates), experts, colorbar_label="mean gate weight", vmin=0.0,
                           missing=missing, xlabel="expert", ylabel="task")

@@ -52,6 +52,7 @@ LOG1P = {"capital_gains": "log1p", "capital_losses": "log1p", "dividends_from_st
 _NUMERIC_INDEX = tuple(COLUMNS.index(c) for c in NUMERIC)
 NEVER_MARRIED = "Never married"
 INCOME_OVER_50K = "50000+."
+INCOME_LABELS = ("- 50000.", INCOME_OVER_50K)
 COLLEGE = frozenset({
     "Some college but no degree", "Associates degree-occup /vocational", "Associates degree-academic program",
     "Bachelors degree(BA AB BS)", "Masters degree(MA MS MEng MEd MSW MBA)",
@@ -86,6 +87,9 @@ def read_rows(path: Path, max_rows: int | None = None) -> list[list[str]]:
                 except ValueError:
                     raise ValueError(f"{path}, line {line_no}: column {COLUMNS[j]!r} is not a number: "
                                      f"{fields[j]!r}") from None
+            if fields[-1] not in INCOME_LABELS:
+                raise ValueError(f"{path}, line {line_no}: the income label is {fields[-1]!r}, expected one of "
+                                 f"{', '.join(map(repr, INCOME_LABELS))}")
             rows.append(fields)
             if max_rows is not None and len(rows) >= max_rows:
                 break

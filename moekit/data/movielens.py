@@ -127,6 +127,13 @@ def _fields(path: Path, sep: str, count: int, encoding: str = "latin-1"):
             yield lineno, parts
 
 
+def _int(text: str, path: Path, lineno: int, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path}:{lineno}: {what} must be an integer, got {text!r}") from None
+
+
 def read_ratings(path: str | Path) -> np.ndarray:
     """Raw rating rows in file order as an (N, 4) int64 array: user id, movie id, stars, timestamp.
 
@@ -140,6 +147,8 @@ def read_ratings(path: str | Path) -> np.ndarray:
             rows.append([int(p) for p in parts])
         except ValueError:
             raise ValueError(f"{path}:{lineno}: expected four integers, got {parts!r}") from None
+    if not rows:
+        raise ValueError(f"{path} holds no ratings")
     out = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
     bad = np.flatnonzero((out[:, 2] < 1) | (out[:, 2] > 5))
     if bad.size:
@@ -153,7 +162,7 @@ def read_movies(path: str | Path) -> tuple[np.ndarray, list[str], np.ndarray, np
     ids, titles, years, genres = [], [], [], []
     if path.name.startswith("u.item"):
         for lineno, parts in _fields(path, "|", 24):
-            ids.append(int(parts[0]))
+            ids.append(_int(parts[0], path, lineno, "the movie id"))
             titles.append(parts[1])
             date = parts[2]  # '01-Jan-1995', empty for one movie
             flags = parts[5:]
@@ -164,7 +173,7 @@ def read_movies(path: str | Path) -> tuple[np.ndarray, list[str], np.ndarray, np
     else:
         index = {g: i for i, g in enumerate(GENRES)}
         for lineno, parts in _fields(path, "::", 3):
-            ids.append(int(parts[0]))
+            ids.append(_int(parts[0], path, lineno, "the movie id"))
             titles.append(parts[1])
             years.append(_title_year(parts[1]))
             row = [False] * len(GENRES)
@@ -197,9 +206,12 @@ def read_users(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
             uid, g, a, o, _zip = parts
         if g not in ("F", "M"):
             raise ValueError(f"{path}:{lineno}: gender must be F or M, got {g!r}")
-        ids.append(int(uid))
+        ids.append(_int(uid, path, lineno, "the user id"))
         gender.append(int(g == "M"))
-        age.append(int(np.searchsorted(AGE_GROUPS, int(a), side="right")) - 1 if int(a) >= 1 else 0)
+        years_old = _int(a, path, lineno, "the age")
+        age.append(int(np.searchsorted(AGE_GROUPS, years_old, side="right")) - 1 if years_old >= 1 else 0)
+        if not ml100k:
+            _int(o, path, lineno, "the occupation code")
         occ.append(o)
     if ml100k:
         names = sorted(set(occ))

@@ -3,8 +3,11 @@ clear error naming the official download address."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import sys
+import zlib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -59,10 +62,36 @@ def find_file(folder: Path, names: Sequence[str], dataset: str, url: str) -> Pat
     )
 
 
-def open_text(path: Path, encoding: str = "utf-8"):
-    """Open a text file, gzip-compressed or not (by the .gz suffix)."""
-    if path.suffix == ".gz":
-        import gzip
+def open_text(path: Path, encoding: str = "utf-8") -> io.StringIO:
+    """A text file's contents (gzip-decompressed by the .gz suffix) as a file object. A file that is
+    empty, not gzip despite its name, truncated or not in `encoding` is one error naming it."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            if raw[:2] != b"\x1f\x8b":
+                raise ValueError(f"{path} ends in .gz but is not gzip-compressed")
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"{path} is a truncated or corrupt gzip file ({type(error).__name__}: {error})") from None
+    if not raw.strip():
+        raise ValueError(f"{path} is empty")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not {encoding} text (byte {error.start}); is it a binary file?") from None
+    return io.StringIO(text, newline=None)
 
-        return gzip.open(path, "rt", encoding=encoding, newline="")
-    return open(path, encoding=encoding, newline="")
+
+def read_json_file(path: Path) -> object:
+    """A JSON file (gzip by the .gz suffix); malformed JSON names the file, line and column."""
+    import json
+
+    with open_text(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})") \
+                from None

@@ -9,7 +9,6 @@ turns its rows into sequences (min_rating, k-core, chronological order, leave-on
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 
 from moekit.data.interactions import InteractionsConfig, ItemMetadata, Ratings
 from moekit.data.movielens import GENRES, movielens_file, read_movies, read_ratings
-from moekit.data.paths import find_file, open_text, resolve_data_dir
+from moekit.data.paths import find_file, open_text, read_json_file, resolve_data_dir
 
 BEAUTY_URL = "https://github.com/RUCAIBox/CIKM2020-S3Rec/tree/master/data (Beauty.txt)"
 DATASETS = ("interactions", "beauty", "ml-100k", "ml-1m")
@@ -153,11 +152,15 @@ def load_beauty(data_dir: str | os.PathLike | None = None, core: int = 0) -> Seq
     attr_path = next((folder / n for n in ("Beauty_item2attributes.json", "Beauty_item2attributes.json.gz")
                       if (folder / n).is_file()), None)
     if attr_path is not None:
-        with open_text(attr_path) as f:
-            raw = json.load(f)
+        raw = read_json_file(attr_path)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{attr_path}: expected an object of item id -> attribute ids")
         index = {raw_id: i for i, raw_id in enumerate(data.raw_item_ids)}
-        data.item_categories = {index[int(k)]: tuple(f"attr {a}" for a in v)
-                                for k, v in raw.items() if int(k) in index}
+        try:
+            data.item_categories = {index[int(k)]: tuple(f"attr {a}" for a in v)
+                                    for k, v in raw.items() if int(k) in index}
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{attr_path}: expected item ids mapping to lists of attribute ids ({error})") from None
     return data
 
 

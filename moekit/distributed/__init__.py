@@ -7,8 +7,8 @@
     ... loss.backward(); sync_gradients(model, groups); optimizer.step()
 
 Checkpoints with each rank's experts apart, merge and re-shard: `moekit.distributed.checkpoint`
-(and `moekit checkpoint merge|reshard`). The LM trainer: `moekit.distributed.lm`
-(`torchrun --nproc_per_node N -m moekit train lm --expert-parallel P`). Local test launches:
+(and `moekit checkpoint merge|reshard`). The LM trainer's expert-parallel strategy lives in
+`moekit.train.lm_parallel` (`torchrun --nproc_per_node N -m moekit train lm --expert-parallel P`). Local test launches:
 `moekit.distributed.launch.spawn`.
 
 `moekit.layers` and `moekit.models` never import torch.distributed; this package does.

@@ -584,14 +584,14 @@ def predict_file(model: MultiTaskModel, spec, path: str | Path, out: str | Path,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    rows = 0
-    bar = progress_bar(progress, unit="row", desc="scoring", unit_scale=True)
+    rows, bar = 0, None
     try:
         with os.fdopen(fd, "w", newline="") as f:
             for chunk in iter_table(path, chunk_rows, spec.names, delimiter):
                 scores = predict_frame(model, spec, chunk, path, id_column)
                 scores.to_csv(f, index=False, header=rows == 0, float_format="%.6g")
                 rows += len(chunk)
+                bar = bar or progress_bar(progress, unit="row", desc="scoring", unit_scale=True)
                 bar.update(len(chunk))
             f.flush()
             os.fsync(f.fileno())
@@ -600,7 +600,8 @@ def predict_file(model: MultiTaskModel, spec, path: str | Path, out: str | Path,
         Path(tmp).unlink(missing_ok=True)
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return rows
 
 
