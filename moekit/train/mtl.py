@@ -591,7 +591,8 @@ def predict_file(model: MultiTaskModel, spec, path: str | Path, out: str | Path,
                 scores = predict_frame(model, spec, chunk, path, id_column)
                 scores.to_csv(f, index=False, header=rows == 0, float_format="%.6g")
                 rows += len(chunk)
-                bar = bar or progress_bar(progress, unit="row", desc="scoring", unit_scale=True)
+                if bar is None:
+                    bar = progress_bar(progress, unit="row", desc="scoring", unit_scale=True)
                 bar.update(len(chunk))
             f.flush()
             os.fsync(f.fileno())
