@@ -119,13 +119,19 @@ def _table(rows: dict[str, list[dict]], published) -> str:
     return "\n".join(lines)
 
 
-def _heatmap(names, table, counts, title: str, path: Path) -> None:
+CATEGORY_LABEL = {  # what the row labels of the facet plot are, per dataset
+    "beauty": "attribute id of the test target\n(S3-Rec's category/brand ids; names\nare not published) (users)",
+    "ml-100k": "genre of the test target (users)",
+}
+
+
+def _heatmap(names, table, counts, title: str, path: Path, dataset: str) -> None:
     from moekit.plots import annotated_heatmap, pyplot, save_png
 
-    fig, ax = pyplot().subplots(figsize=(4.2 + 1.1 * table.shape[1], 1.2 + 0.32 * len(names)))
+    fig, ax = pyplot().subplots(figsize=(5.4 + 1.1 * table.shape[1], 1.4 + 0.32 * len(names)))
     annotated_heatmap(ax, table, [f"{n} ({c})" for n, c in zip(names, counts, strict=True)],
-                      [f"head {h}" for h in range(table.shape[1])], colorbar_label="mean gate weight",
-                      fmt="{:.3f}")
+                      [f"head {h}" for h in range(table.shape[1])], colorbar_label="mean head-gate weight",
+                      fmt="{:.3f}", xlabel="FAME head (facet)", ylabel=CATEGORY_LABEL.get(dataset, "category"))
     ax.set_title(title, fontsize=9)
     save_png(fig, path)
 
@@ -385,12 +391,15 @@ def render(raw: dict, out: Path, rerender_command: str | None = None) -> None:
                 counts,
                 f"FAME head gate by test-target category, {dataset} (seed {seed})",
                 out / png,
+                dataset,
             )
             heads = " | ".join(f"head {h}" for h in range(table.shape[1]))
+            kind = ("attribute ids: the category and brand ids of S3-Rec's preprocessing, whose names are not "
+                    "published" if dataset == "beauty" else "genres")
             text += [
                 "FAME facets: mean head-gate weight at the test step, grouped by the category of the test "
-                f"target ({'attribute ids' if dataset == 'beauty' else 'genres'}; an item counts in each of "
-                f"its categories; the most frequent categories; FAME seed {seed}).",
+                f"target ({kind}; an item counts in each of its categories; the most frequent categories; "
+                f"FAME seed {seed}).",
                 "",
                 f"| category (test targets) | {heads} |",
                 "|---|" + "---|" * table.shape[1],
