@@ -157,3 +157,25 @@ def test_a_run_of_another_family_is_named(tmp_path, capsys):
     (tmp_path / "half/checkpoints/step_0000003").mkdir(parents=True)
     assert main(["eval", "mtl", "--ckpt", str(tmp_path / "half")]) == 2
     assert "holds no finished model (no config.json); its step folders are step_0000003" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    """A checkpoint that cannot be written (ENOSPC from the disk) names the file, stops the run, and
+    leaves neither a .tmp_step folder nor a temporary file; the run's earlier checkpoints stay."""
+    import errno
+    import os
+
+    real_fsync, calls = os.fsync, {"n": 0}
+
+    def full_disk(fd):
+        calls["n"] += 1
+        if calls["n"] > 12:  # the first epochs' files go through, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*: No space left on device"):
+        moekit.train.mtl.fit(small(epochs=5), tmp_path / "run", data=synthetic(), log=quiet)
+    monkeypatch.undo()
+    leftovers = [p for p in (tmp_path / "run").rglob("*") if p.name.startswith(".") and p.name != ".lock"]
+    assert leftovers == [] and list((tmp_path / "run/checkpoints").glob("step_*"))
