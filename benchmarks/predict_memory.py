@@ -1,6 +1,6 @@
 """Peak memory of `moekit predict mtl` as the file to score grows: streaming keeps it flat.
 
-    python benchmarks/predict_memory.py [--rows 50000 200000 800000] [--chunk-rows 100000] [--quick]
+    python benchmarks/predict_memory.py [--rows 100000 400000 1600000] [--chunk-rows 50000] [--quick]
 
 Trains a small MMoE on a generated table once, then scores generated files of growing length, each
 in a fresh `moekit predict mtl` process, and reads that process's peak resident memory (ru_maxrss of
@@ -57,8 +57,8 @@ def peak_of_child(args: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[50_000, 200_000, 800_000])
-    parser.add_argument("--chunk-rows", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
+    parser.add_argument("--chunk-rows", type=int, default=50_000)
     parser.add_argument("--quick", action="store_true", help="small files (smoke run)")
     parser.add_argument("--out", default=str(ROOT / "docs/results/predict_memory.md"))
     args = parser.parse_args()
