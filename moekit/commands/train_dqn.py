@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=None,
                         help="restrict sessions to the N most-rated movies (default: whole catalogue)")
     parser.add_argument("--noise", type=float, default=0.0, help="std of the noise on simulated ratings")
-    parser.add_argument("--gamma", type=float, default=0.95)
-    parser.add_argument("--n-step", type=int, default=3)
+    parser.add_argument("--gamma", type=float, default=0.8)
+    parser.add_argument("--n-step", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--explore", default="popular", choices=["uniform", "popular"])
     parser.add_argument("--eps-decay-steps", type=int, default=None, help="default: half of --steps")

@@ -19,6 +19,7 @@ from moekit.train.dqn import (
     evaluate_run,
     load_run,
     train_dqn,
+    value_calibration,
 )
 
 
@@ -76,6 +77,21 @@ def test_myopic_ranker_learns_the_immediate_reward():
     net, report = train_dqn(cfg, _data())
     assert report["final_loss"] < 0.1
     assert np.isfinite(report["test"]["return"])
+
+
+def test_value_calibration_compares_q_with_the_realised_discounted_return():
+    from moekit.rl.policies import q_policy
+
+    data = _data()
+    cfg = _cfg(gamma=0.0, eval_every=0)
+    net, _ = train_dqn(cfg, data)
+    sim = build_simulator(cfg, data)
+    m = evaluate_policy(sim, q_policy(net), sim.test_users, seed=1)
+    c = value_calibration(sim, net, sim.test_users, gamma=0.0, seed=1)
+    # gamma 0: the realised "return" of a step is its reward, so its mean is return / session length
+    assert c["mean_discounted_return"] == pytest.approx(m["return"] / m["session_length"])
+    c1 = value_calibration(sim, net, sim.test_users, gamma=1.0, seed=1)
+    assert c1["mean_q"] == c["mean_q"] and c1["mean_discounted_return"] != c["mean_discounted_return"]
 
 
 def test_bad_config_is_rejected_in_one_line():
