@@ -26,6 +26,8 @@ from moekit.rl.simulator import LoggedRatings, RatingMF
 
 @dataclass
 class DynamicsEstimate:
+    """What `estimate_dynamics` measured (see the module docstring)."""
+
     sessions: int
     """Number of sessions (a gap of more than gap_seconds starts a new one)."""
     mean_session_length: float
@@ -43,6 +45,7 @@ class DynamicsEstimate:
     decay: float
 
     def as_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return asdict(self)
 
 

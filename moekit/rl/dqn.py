@@ -39,6 +39,9 @@ OBS_KEYS = ("history", "user", "items", "stars", "step")
 
 @dataclass
 class QNetworkConfig:
+    """Sizes and options of a `QNetwork` (the simulator fixes the first five, see
+    `moekit.train.dqn.build_q_network`)."""
+
     num_items: int
     """I: catalogue size (item index I is the padding)."""
     num_genres: int = 0

@@ -17,6 +17,8 @@ import numpy as np
 
 @dataclass
 class Batch:
+    """A sample of n-step transitions, every field batched along its first dimension."""
+
     obs: dict[str, np.ndarray]  # each (B, ...)
     action: np.ndarray  # (B,) int64
     ret: np.ndarray  # (B,) float32 n-step return
@@ -26,6 +28,8 @@ class Batch:
 
 
 class ReplayBuffer:
+    """Fixed-capacity ring buffer of n-step transitions with dict observations, sampled uniformly."""
+
     def __init__(self, capacity: int, obs_example: dict[str, np.ndarray], num_items: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 (got {capacity})")

@@ -130,7 +130,27 @@ class LoggedRatings:
 
     @property
     def num_items(self) -> int:
+        """I: rows of the item-genre matrix (the catalogue, rated or not)."""
         return len(self.item_genres)
+
+    @classmethod
+    def from_raw(cls, user_ids, item_ids, rating, timestamp, item_categories: dict | None = None,
+                 name: str = "ratings") -> LoggedRatings:
+        """From a log with the dataset's own ids (strings or integers, e.g. the columns of
+        `moekit.data.interactions.Ratings`) and optional categories per raw item id (e.g.
+        `ItemMetadata.categories`): ids become contiguous indices in sorted order, the categories the
+        genre columns (items without any get an all-False row, so boredom never touches them)."""
+        users, user = np.unique(np.asarray(user_ids).astype(str), return_inverse=True)
+        items, item = np.unique(np.asarray(item_ids).astype(str), return_inverse=True)
+        cats = item_categories or {}
+        names = sorted({c for i in items for c in cats.get(i, ())})
+        column = {c: k for k, c in enumerate(names)}
+        genres = np.zeros((len(items), len(names)), dtype=bool)
+        for k, i in enumerate(items):
+            genres[k, [column[c] for c in cats.get(i, ())]] = True
+        return cls(user=user.astype(np.int64), item=item.astype(np.int64), rating=np.asarray(rating, dtype=np.float64),
+                   timestamp=np.asarray(timestamp), item_genres=genres, num_users=len(users),
+                   titles=[str(i) for i in items], name=name)
 
     @classmethod
     def from_movielens(cls, ml) -> LoggedRatings:
@@ -301,6 +321,8 @@ class Session:
 
 @dataclass
 class Reaction:
+    """What one recommendation did: the user's reaction and whether the session ended."""
+
     stars: float
     """x_t after boredom, in [1, 5]."""
     real: bool

@@ -35,6 +35,8 @@ from moekit.train.reproducibility import check_finite, seed_everything
 
 @dataclass
 class DQNTrainConfig:
+    """Everything one training run of the DQN (or, with gamma 0, the myopic ranker) depends on."""
+
     data_dir: str | None = None
     """MovieLens folder (default: $MOEKIT_DATA/<dataset>)."""
     dataset: str = "ml-100k"
@@ -98,11 +100,13 @@ class DQNTrainConfig:
 
     @property
     def policy_name(self) -> str:
+        """'DQN (mlp)', 'myopic greedy (mlp, γ = 0)', ...: how results name this run's policy."""
         q_net = self.q.get("q_net", "mlp")
         return f"myopic greedy ({q_net}, γ = 0)" if self.gamma == 0 else f"DQN ({q_net})"
 
 
 def epsilon(step: int, cfg: DQNTrainConfig) -> float:
+    """Exploration rate at env step `step`: linear from eps_start to eps_end, then constant."""
     frac = min(1.0, step / max(1, cfg.eps_decay_steps))
     return cfg.eps_start + frac * (cfg.eps_end - cfg.eps_start)
 
@@ -111,17 +115,20 @@ def epsilon(step: int, cfg: DQNTrainConfig) -> float:
 
 
 def load_data(data_dir: str | None, dataset: str = "ml-100k") -> LoggedRatings:
+    """MovieLens-100K/1M as the simulator's plain arrays."""
     from moekit.data.movielens import load_movielens
 
     return LoggedRatings.from_movielens(load_movielens(data_dir, dataset))
 
 
 def simulator_config(cfg: DQNTrainConfig) -> SimulatorConfig:
+    """The preset (dynamics on or off) with cfg.sim's fields on top."""
     base = SimulatorConfig() if cfg.dynamics else SimulatorConfig.memoryless()
     return SimulatorConfig(**(asdict(base) | cfg.sim))
 
 
 def build_simulator(cfg: DQNTrainConfig, data: LoggedRatings | None = None) -> UserSimulator:
+    """The simulator of a run: its data (loaded from cfg.data_dir unless given), config and seed."""
     data = data if data is not None else load_data(cfg.data_dir, cfg.dataset)
     return UserSimulator(data, simulator_config(cfg), seed=cfg.seed)
 
@@ -139,6 +146,7 @@ def build_q_network(cfg: DQNTrainConfig, sim: UserSimulator) -> QNetwork:
 
 
 def explore_action(mask: np.ndarray, weight_I: np.ndarray, rng: np.random.Generator) -> int:
+    """An exploratory item: an allowed one drawn with probability proportional to `weight_I`."""
     allowed = np.flatnonzero(mask)
     w = weight_I[allowed]
     return int(rng.choice(allowed, p=w / w.sum()))
@@ -344,6 +352,7 @@ def load_run(run_dir: str | Path) -> tuple[QNetwork, dict]:
 
 
 def saved_train_config(saved: dict) -> DQNTrainConfig:
+    """The DQNTrainConfig of a parsed run-folder config.json."""
     return DQNTrainConfig(**saved["train"])
 
 

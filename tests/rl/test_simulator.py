@@ -314,3 +314,21 @@ def test_bad_input_is_rejected_in_one_line():
     with pytest.raises(ValueError, match="item indices must lie in 0..7"):
         LoggedRatings(user=np.array([0]), item=np.array([8]), rating=np.array([3.0]), timestamp=np.array([0]),
                       item_genres=np.zeros((8, 2), bool), num_users=1)
+
+
+def test_a_raw_log_with_string_ids_and_categories_feeds_the_simulator():
+    users = ["ann", "ann", "ann", "bob", "bob", "cy", "cy", "cy"]
+    items = ["B07", "A01", "C3", "A01", "B07", "C3", "D9", "A01"]
+    cats = {"A01": ("drama",), "B07": ("comedy", "drama"), "D9": ("horror",)}  # C3 has none
+    data = LoggedRatings.from_raw(users, items, [5, 4, 3, 2, 5, 4, 1, 3], [3, 1, 2, 1, 2, 5, 4, 6],
+                                  item_categories=cats, name="mine")
+    assert data.num_users == 3 and data.num_items == 4 and data.titles == ["A01", "B07", "C3", "D9"]
+    # categories in sorted order: comedy, drama, horror
+    assert data.item_genres.tolist() == [[False, True, False], [True, True, False], [False, False, False],
+                                         [False, False, True]]
+    assert data.user.tolist() == [0, 0, 0, 1, 1, 2, 2, 2] and data.item.tolist() == [1, 0, 2, 0, 1, 2, 3, 0]
+    sim = UserSimulator(data, SimulatorConfig(exclude_known=False, leave_prob=0.0, mf_factors=2, mf_iterations=2,
+                                              test_user_fraction=0.34), seed=0)
+    steps = _play(sim, 0, [0, 1])
+    # ann's real ratings: A01 4, B07 5; B07 shares drama with A01: cos = 1/√2 -> 5 - 0.5/√2
+    assert [s["stars"] for s in steps] == pytest.approx([4.0, 5 - 0.5 / math.sqrt(2)])
