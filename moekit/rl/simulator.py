@@ -76,7 +76,7 @@ can say, on the known ratings only)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -286,6 +286,7 @@ class SimulatorConfig:
 
     @property
     def has_dynamics(self) -> bool:
+        """Whether any dynamic is on (boredom, patience or leaving)."""
         return self.boredom > 0 or self.patience is not None or self.leave_prob > 0
 
 
@@ -313,8 +314,10 @@ class Session:
     t: int = 0
     """Recommendations so far."""
     ended: bool = False
+    """Whether the session is over (no more recommendations)."""
 
     def copy(self) -> Session:
+        """An independent copy (for looking ahead without touching the real session)."""
         return Session(self.user, self.mask.copy(), self.history.copy(), self.items.copy(), self.stars.copy(),
                        self.exposure.copy(), self.patience, self.t, self.ended)
 
@@ -333,7 +336,6 @@ class Reaction:
     """Whether the user ended the session after it (patience, leaving or the time budget)."""
     why: str = ""
     """'patience', 'leave', 'budget', 'catalogue' or '' (session goes on)."""
-    extra: dict = field(default_factory=dict)
 
 
 # -------------------------------------------------------------------------------- simulator
@@ -393,11 +395,6 @@ class UserSimulator:
         x0[self.real_items[user]] = self.real_stars[user]
         return x0
 
-    def is_real(self, user: int) -> np.ndarray:
-        real = np.zeros(self.num_items, dtype=bool)
-        real[self.real_items[user]] = True
-        return real
-
     def boredom_penalty(self, session: Session, items: np.ndarray | slice = slice(None)) -> np.ndarray:
         """β ĝ_i · e_t for the given items (stars to subtract from x0)."""
         if self.config.boredom == 0:
@@ -411,6 +408,7 @@ class UserSimulator:
     # ---- sessions
 
     def start(self, user: int) -> Session:
+        """A fresh session of `user`: no exposure, full patience, the known liked movies as history."""
         c = self.config
         mask = self.candidates.copy()
         if c.exclude_known:
