@@ -327,14 +327,16 @@ def evaluate_run(run_dir: str | Path, data: LoggedRatings | None = None) -> dict
 
 
 def save_run(out_dir: str | Path, net: QNetwork, cfg: DQNTrainConfig, sim: UserSimulator, report: dict) -> Path:
-    """`config.json` (model header + train, simulator and data sections) and `model.safetensors`
+    """`config.json` (model header + train, simulator and data sections; the data folder as an
+    absolute path, so the run can be evaluated from anywhere) and `model.safetensors`
     (via `QNetwork.save_pretrained`), `q_network.safetensors` (the same weights under the file name
     earlier runs used) and `metrics.json`."""
     out = Path(out_dir)
     net.save_pretrained(out)
     net.save_weights(out / "q_network.safetensors")
+    train = asdict(cfg) | {"data_dir": str(Path(cfg.data_dir).expanduser().resolve()) if cfg.data_dir else None}
     atomic_write_json(out / "config.json", net.model_header() | {
-        "train": asdict(cfg), "simulator": asdict(sim.config),
+        "train": train, "simulator": asdict(sim.config),
         "data": {"name": sim.data_name, "num_users": sim.num_users, "num_items": sim.num_items}})
     atomic_write_json(out / "metrics.json", report)
     return out
