@@ -1,16 +1,20 @@
 # ruff: noqa: E501  (the markdown report templates below keep their lines as they appear in the doc)
-"""DQN recommender vs random, most-popular and greedy-MF in the MovieLens simulator: docs/results/dqn.md + PNG.
+"""DQN vs a myopic greedy ranker, baselines and oracles in the user simulator, dynamics on and off: docs/results/dqn.md + PNGs.
 
     python benchmarks/dqn_results.py --data-dir ../shared/data/ml-100k
 
-Per seed: a simulator (the seed draws the 20% test users and the MF initialisation), the three
-baselines and a DQN trained on training-user sessions, all evaluated with one session per test
-user. Mean +- std over seeds.
+Per dynamics setting and seed: a simulator (the seed draws the 20% test users and the MF init),
+the fixed policies (random, most-popular, greedy-MF, the myopic and lookahead oracles) and the
+learned ones, each trained from random initialisation on training-user sessions with the same
+budget: the myopic greedy ranker (γ = 0) and the DQN with an MLP and with an MoE Q-network. All
+are evaluated with one session per test user; mean ± std over seeds. Every finished run is added to
+docs/results/dqn.json at once, and `--resume` skips the runs already there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,18 +27,33 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.retrieval_results import commit  # noqa: E402
 from moekit.commands.info import environment_summary  # noqa: E402
-from moekit.data.movielens import load_movielens  # noqa: E402
 from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
-from moekit.rl.simulator import MovieLensSimulator, SimulatorConfig  # noqa: E402
+from moekit.rl.calibration import estimate_dynamics  # noqa: E402
+from moekit.rl.policies import LookaheadOracle, greedy_mf_policy, most_popular_policy, random_policy  # noqa: E402
+from moekit.rl.simulator import SimulatorConfig  # noqa: E402
 from moekit.train.dqn import (  # noqa: E402
     DQNTrainConfig,
+    build_simulator,
     evaluate_policy,
-    greedy_mf_policy,
-    most_popular_policy,
-    plot_reward_curve,
-    random_policy,
+    load_data,
+    plot_curves,
     train_dqn,
+    value_calibration,
 )
+
+SETTINGS = {"on": "dynamics on", "off": "dynamics off (memoryless)"}
+FIXED = ["random", "most-popular"]
+REFERENCES = ["greedy-MF (reads the MF user factors)", "myopic oracle (reads the simulator state)"]
+
+
+def learned_configs(args, seed: int, dynamics: bool) -> dict[str, DQNTrainConfig]:
+    common = dict(seed=seed, dynamics=dynamics, total_steps=args.steps, eps_decay_steps=args.steps // 2,
+                  explore=args.explore, eval_every=args.steps // args.curve_points, eval_users=args.curve_users,
+                  progress=False)
+    out = {"myopic greedy (mlp, γ = 0)": DQNTrainConfig(gamma=0.0, n_step=1, q={"q_net": "mlp"}, **common)}
+    for q in args.q_nets:
+        out[f"DQN ({q})"] = DQNTrainConfig(gamma=args.gamma, n_step=args.n_step, q={"q_net": q}, **common)
+    return out
 
 
 def main() -> None:
@@ -42,111 +61,257 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=5_000)
-    parser.add_argument("--train-every", type=int, default=2)
-    parser.add_argument("--no-mf-init", action="store_true", help="random item embeddings for the DQN")
-    parser.add_argument("--candidates", type=int, default=None)
+    parser.add_argument("--settings", nargs="+", default=["on", "off"], choices=list(SETTINGS))
+    parser.add_argument("--steps", type=int, default=30_000, help="env steps per learned policy")
+    parser.add_argument("--gamma", type=float, default=0.8)
+    parser.add_argument("--n-step", type=int, default=10)
     parser.add_argument("--explore", default="popular", choices=["uniform", "popular"])
-    parser.add_argument("--q-nets", nargs="+", default=["mlp"], choices=["mlp", "moe"])
+    parser.add_argument("--q-nets", nargs="+", default=["mlp", "moe"], choices=["mlp", "moe"])
+    parser.add_argument("--oracle-depth", type=int, default=3)
+    parser.add_argument("--curve-points", type=int, default=6, help="greedy evaluations along training")
+    parser.add_argument("--curve-users", type=int, default=100, help="training users in each curve evaluation")
+    parser.add_argument("--variants", nargs="*", default=["0.95,3", "0.9,10", "0.9,1", "0.8,3"],
+                        help="other 'gamma,n_step' pairs for DQN (mlp), run on the first seed with the dynamics on")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON file")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "dqn.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    ml = load_movielens(args.data_dir, args.dataset)
-    sim_kw = {"num_candidates": args.candidates}
-    names = ["random", "most-popular"] + [f"DQN ({q})" for q in args.q_nets] + ["greedy-MF (reads the user model)"]
-    results: dict[str, list[dict]] = {n: [] for n in names}
-    curves: dict[str, list[float]] = {}
-    train_seconds: dict[str, list[float]] = {}
-    for seed in args.seeds:
-        sim = MovieLensSimulator(ml, SimulatorConfig(**sim_kw), seed=seed)
-        results["random"].append(evaluate_policy(sim, random_policy(seed), sim.test_users, seed))
-        results["most-popular"].append(evaluate_policy(sim, most_popular_policy(sim), sim.test_users, seed))
-        results["greedy-MF (reads the user model)"].append(
-            evaluate_policy(sim, greedy_mf_policy(sim), sim.test_users, seed))
-        for q in args.q_nets:
-            cfg = DQNTrainConfig(seed=seed, total_steps=args.steps, eps_decay_steps=args.steps // 2,
-                                 explore=args.explore, train_every=args.train_every,
-                                 init_from_mf=not args.no_mf_init, sim=sim_kw, q={"q_net": q}, progress=False)
-            _, report = train_dqn(cfg, sim=sim)
-            results[f"DQN ({q})"].append(report["test"])
-            train_seconds.setdefault(q, []).append(report["train_seconds"])
-            if seed == args.seeds[0]:
-                curves[f"DQN ({q}), seed {seed}"] = report["train_returns"]
-            print(f"seed {seed} DQN ({q}): return {report['test']['return']:.3f} "
-                  f"({report['train_seconds']:.0f} s)", flush=True)
-        print(f"seed {seed}: " + ", ".join(f"{n} {results[n][-1]['return']:.3f}" for n in names), flush=True)
+    json_path = Path(args.out).with_suffix(".json")
+    store = json.loads(json_path.read_text()) if args.resume and json_path.is_file() else {}
+    runs: dict = store.setdefault("runs", {})
+    data = load_data(args.data_dir, args.dataset)
+    deep = f"lookahead oracle, depth {args.oracle_depth} (reads the simulator state)"
 
-    def cell(name: str, key: str) -> str:
-        v = np.array([r[key] for r in results[name]])
-        return f"{v.mean():.3f} ± {v.std():.3f}"
+    def save():
+        store["args"] = vars(args)
+        atomic_write_json(json_path, store)
 
-    png = Path(args.out).with_name("dqn_reward_curve.png")
-    refs = {f"{n} (test users, seed {args.seeds[0]})": results[n][0]["return"]
-            for n in ("random", "most-popular", "greedy-MF (reads the user model)")}
-    plot_reward_curve(curves, png, title=f"DQN training on {ml.name} simulator sessions", references=refs)
-    table = ["| policy | return (10 recs) | hit rate (4-5 stars) | real held-out feedback | mean stars |",
-             "|---|---|---|---|---|"]
-    for n in names:
-        table.append(f"| {n} | {cell(n, 'return')} | {cell(n, 'hit_rate')} | {cell(n, 'real_share')} | "
-                     f"{cell(n, 'mean_stars')} |")
-    ret = {n: np.mean([r["return"] for r in results[n]]) for n in names}
-    verdicts = []
-    for q in args.q_nets:
-        d = f"DQN ({q})"
-        for base in ("random", "most-popular", "greedy-MF (reads the user model)"):
-            diff = ret[d] - ret[base]
-            word = "beats" if diff > 0 else "does not beat"
-            verdicts.append(f"- {d} {word} {base}: {ret[d]:.3f} vs {ret[base]:.3f} ({diff:+.3f})")
+    for setting in args.settings:
+        for seed in args.seeds:
+            key = f"{setting}/{seed}"
+            done = runs.setdefault(key, {})
+            configs = learned_configs(args, seed, setting == "on")
+            sim = build_simulator(next(iter(configs.values())), data)
+            if "calibration" not in store:
+                store["calibration"] = estimate_dynamics(data, sim.known_rows).as_dict()
+                store["num_items"], store["test_users"] = sim.num_items, len(sim.test_users)
+            users, curve_users = sim.test_users, sim.train_users[: args.curve_users]
+            fixed = {"random": random_policy(seed), "most-popular": most_popular_policy(sim),
+                     REFERENCES[0]: greedy_mf_policy(sim), REFERENCES[1]: LookaheadOracle(sim, 1)}
+            if args.oracle_depth > 1:
+                fixed[deep] = LookaheadOracle(sim, args.oracle_depth)
+            for name, policy in fixed.items():
+                if name in done:
+                    continue
+                t = time.perf_counter()
+                done[name] = {"test": evaluate_policy(sim, policy, users, seed)}
+                if name != deep:  # the curves' reference lines, on the curve users
+                    done[name]["curve_users"] = evaluate_policy(sim, policy, curve_users, seed)
+                done[name]["seconds"] = time.perf_counter() - t
+                save()
+                print(f"[{key}] {name}: return {done[name]['test']['return']:.3f}", flush=True)
+            if setting == "on" and seed == args.seeds[0]:
+                for v in args.variants:
+                    gamma, n = v.split(",")
+                    name = f"DQN (mlp), γ = {float(gamma)}, n = {int(n)}"
+                    configs[name] = DQNTrainConfig(**{**configs["DQN (mlp)"].__dict__, "gamma": float(gamma),
+                                                      "n_step": int(n)})
+            for name, cfg in configs.items():
+                if name in done:
+                    continue
+                net, report = train_dqn(cfg, sim=sim)
+                done[name] = {k: report[k] for k in ("test", "curve", "train_seconds", "final_loss")}
+                done[name]["value_calibration"] = value_calibration(sim, net, curve_users, cfg.gamma, seed)
+                save()
+                print(f"[{key}] {name}: return {report['test']['return']:.3f} ({report['train_seconds']:.0f} s)",
+                      flush=True)
+    store["seconds"] = store.get("seconds", 0.0) + time.perf_counter() - start
+    save()
+    write_report(store, args, deep, Path(args.out))
+
+
+def _stats(runs: dict, setting: str, seeds: list[int], name: str, key: str) -> np.ndarray:
+    return np.array([runs[f"{setting}/{s}"][name]["test"][key] for s in seeds if name in runs.get(f"{setting}/{s}", {})])
+
+
+def _cell(v: np.ndarray, digits: int = 3) -> str:
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) else "n/a"
+
+
+def write_report(store: dict, args, deep: str, out: Path) -> None:
+    runs, seeds = store["runs"], args.seeds
+    learned = list(learned_configs(args, seeds[0], True))
+    names = FIXED + learned + REFERENCES + ([deep] if args.oracle_depth > 1 else [])
+    tables, verdicts = {}, {}
+    for setting in args.settings:
+        rows = ["| policy | return per session | session length | hit rate (≥ 4 stars) | mean stars | real held-out share |",
+                "|---|---|---|---|---|---|"]
+        for n in names:
+            cells = [_cell(_stats(runs, setting, seeds, n, k), d) for k, d in
+                     (("return", 3), ("session_length", 2), ("hit_rate", 3), ("mean_stars", 3), ("real_share", 3))]
+            label = f"**{n}**" if n.startswith("DQN") else n
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        tables[setting] = "\n".join(rows)
+        lines = []
+        myopic = learned[0]
+        base = _stats(runs, setting, seeds, myopic, "return")
+        for n in learned[1:]:
+            dqn = _stats(runs, setting, seeds, n, "return")
+            if not len(dqn) or len(dqn) != len(base):
+                continue
+            diff = dqn - base
+            spread = max(dqn.std(), base.std())
+            met = diff.mean() > spread and (diff > 0).all()
+            lines.append(f"- {n} vs {myopic}: {dqn.mean():.3f} vs {base.mean():.3f}, difference "
+                         f"{diff.mean():+.3f} (per seed {', '.join(f'{d:+.2f}' for d in diff)}; seed spread "
+                         f"{spread:.3f}): **{'beats it by more than the seed spread' if met else 'does not beat it by more than the seed spread'}**.")
+        deep_r, myo_r = _stats(runs, setting, seeds, deep, "return"), _stats(runs, setting, seeds, REFERENCES[1], "return")
+        if len(deep_r) and len(deep_r) == len(myo_r):
+            gap = deep_r - myo_r
+            lines.append(f"- What planning is worth here: the lookahead oracle returns {deep_r.mean():.3f} against the myopic "
+                         f"oracle's {myo_r.mean():.3f} ({gap.mean():+.3f}, {100 * gap.mean() / max(abs(myo_r.mean()), 1e-9):+.1f}%), "
+                         f"with the same hidden state; every other gap in the table is about learning the user, not planning.")
+        verdicts[setting] = "\n".join(lines)
+    plot_paths = make_plots(store, args, learned, out)
+    first = runs.get(f"on/{seeds[0]}", {})
+    variant_rows = ["| learned policy (dynamics on, seed " + str(seeds[0]) + ") | γ | n | greedy return, training users (end of training) | test return | test session length | mean Q(s, a) of chosen items | realised discounted return |",
+                    "|---|---|---|---|---|---|---|---|"]
+    for n, r in first.items():
+        if "curve" not in r:
+            continue
+        gamma, n_step = (0.0, 1) if n.startswith("myopic") else (
+            (args.gamma, args.n_step) if "γ =" not in n else (float(n.split("γ = ")[1].split(",")[0]), int(n.split("n = ")[1])))
+        vc = r.get("value_calibration", {})
+        variant_rows.append(f"| {n} | {gamma} | {n_step} | {r['curve']['return'][-1]:.3f} | {r['test']['return']:.3f} | "
+                            f"{r['test']['session_length']:.2f} | {vc.get('mean_q', float('nan')):.2f} | "
+                            f"{vc.get('mean_discounted_return', float('nan')):.2f} |")
+    cal = store.get("calibration", {})
     env = environment_summary()
-    secs = ", ".join(f"{q}: {np.mean(s):.0f} s" for q, s in train_seconds.items())
-    scope = (f"the {args.candidates} most-rated movies (candidate set)" if args.candidates
-             else f"the whole catalogue ({ml.num_items} movies)")
-    text = f"""# DQN recommender in a MovieLens user simulator ({args.dataset})
+    d, m = SimulatorConfig(), SimulatorConfig.memoryless()
+    secs = {n: np.mean([runs[k][n]["train_seconds"] for k in runs if n in runs[k]]) for n in learned}
+    text = f"""# DQN recommender in a user simulator with long-term dynamics ({args.dataset})
 
 Command: `python benchmarks/dqn_results.py --data-dir ../shared/data/{args.dataset}` (commit {commit()};
-{time.perf_counter() - start:.0f} s in all). Machine: {env['cpu_count']}-core CPU shared with other jobs,
-torch {env['torch']}, 1 thread.
+{store.get('seconds', 0) / 60:.0f} min in all). Machine: {env['cpu_count']}-core CPU shared with other jobs, torch {env['torch']}, 1 thread.
+Raw numbers: `docs/results/dqn.json`.
 
-## Protocol
+## The simulator (`moekit.rl.simulator`)
 
-- Simulator (`moekit.rl.simulator`): each user's first 80% of ratings (by time) are known, the last 20% held out.
-  A biased MF (32 factors, ALS, 10 iterations) is fitted on the known ratings of all users. 20% of users (seeded)
-  are test users; DQN trains only on sessions of the other 80%.
-- Session: 10 recommendations from {scope}, never a repeat nor a movie the user rated in the known part. Reaction =
-  the user's real held-out rating if there is one, else the MF prediction rounded to whole stars (no noise).
-  Reward = (stars - 3) / 2, so a session's return lies in [-10, 10]. Hit rate = share of recommendations rated 4-5.
-  State = the user's 10 most recent positively-rated movies (known part, then liked recommendations).
-- Evaluation: one greedy session per test user ({len(results['random'][0]) and results['random'][0]['users']}
-  users), mean ± std over seeds {args.seeds}.
-- DQN: Q(s, a) = <f(s), e_a> + b_a, f = mean-pooled item embeddings -> residual FFN (or MoE) block, dim 64;
-  Double DQN, target network copied every 500 steps, Huber loss, Adam lr 1e-3, gamma 0.9, batch 64, replay 20k,
-  epsilon 1 -> 0.05 over {args.steps // 2} steps, exploration {args.explore}
-  ({'proportional to known-rating counts + 1' if args.explore == 'popular' else 'uniform'}), {args.steps} env steps
-  ({args.steps // 10} training sessions) per seed, one gradient step every {args.train_every} env steps; training
-  time {secs}. The step budget is small because this machine was heavily shared (load ~13 on 2 cores); more steps
-  were not tried within the time limit.
-- Item embeddings: {'**warm-started from the simulator MF item factors and biases** (`init_from_mf`): the agent gets the item half of the simulator user model (never the user factors). In development runs (seed 0, not in this table) a DQN with random item embeddings did **not** beat most-popular within 12k steps (return 3.64 vs 3.80), so the MF warm start is what gets DQN past the baselines here' if not args.no_mf_init else 'random initialisation'}.
-- Baselines: random (uniform over allowed movies), most-popular (most known ratings), greedy-MF (highest
-  MF-predicted rating for this user). **Greedy-MF reads the simulator's own user model** (the same MF that produces
-  most reactions), with the user's identity: it is close to an oracle for this simulator, not a fair competitor of a
-  policy that sees only the state.
+Each user's ratings are split in time: the first 80% are known, the last 20% held out. 20% of the users
+(drawn with the seed) are test users; every learned policy trains only on sessions of the others. A user's
+taste is x0(u, i): their real held-out rating of movie i if there is one, else the rating a biased MF (32
+factors, ALS on the known ratings of all users) predicts, rounded to whole stars. A session is a sequence of
+single recommendations a_0, a_1, ... from the whole catalogue ({store.get('num_items', 0):,} movies), never a repeat
+nor a movie the user rated in the known part. Reward r_t = (x_t - 3) / 2; a reaction of 4 stars or more is
+a hit. With the dynamics **on**:
 
-## Results (test users)
+- **Boredom** (GeMS / SARDINE boredom, RecLab's topic penalty): with ĝ_i the item's genre vector scaled to
+  unit length, the user carries a genre exposure e_0 = 0, e_(t+1) = λ e_t + ĝ_(a_t), and reacts
+  x_t = clip(x0(u, a_t) - β ĝ_(a_t) · e_t, 1, 5). A movie of the same genres as the previous one loses β
+  stars, after two such movies β(1 + λ); a genre recovers by the factor λ per recommendation.
+- **Patience and leaving** (KuaiSim's leave model, RecSim's time budget): P_0 = P,
+  P_(t+1) = P_t - clip(τ - x_t, 0, d); the session ends when P_(t+1) <= 0, otherwise the user leaves with
+  probability h after each recommendation, and the session stops after at most {d.episode_length} recommendations.
 
-{chr(10).join(table)}
+| parameter | value | where it comes from |
+|---|---|---|
+| h, leave probability per recommendation | {d.leave_prob} | **data**: in ML-100K rating sessions of the known ratings (a gap of more than 30 min starts a new one: {cal.get('sessions', 0):,} sessions, mean length {cal.get('mean_session_length', 0):.1f}), the chance a session ends right after a rating of 3+ stars is {cal.get('leave_rate', float('nan')):.4f} |
+| β, stars lost per unit of genre exposure | {d.boredom} | **literature**: the data cannot identify it. Within users, ML-100K ratings do not fall with genre repetition in a session: the slope of the MF residual on the exposure ĝ · e (λ = 0.8) is {cal.get('boredom_slope', float('nan')):+.4f} ± {cal.get('boredom_slope_se', float('nan')):.4f} stars (MovieLens rating sessions log films seen long before, not a sequence consumed in that order). The value follows RecLab's `topics-dynamic-v1` (1 star off once one of 19 topics was seen more than twice in the last 5): here the 4th same-genre movie in a row loses 1.22 stars |
+| λ, exposure kept per recommendation | {d.boredom_decay} | literature (as β): a genre is within 0.1 star of fresh 8 recommendations after it was last shown |
+| P, τ, d: patience, disappointment threshold, most patience lost per item | {d.patience}, {d.patience_threshold}, {d.patience_max_drop} | **literature**, KuaiSim's defaults (initial temper 10, a step costs between 0 and 2): a 1-star reaction costs 2, a 2-star one 1, 3 stars and up nothing. The data cannot identify it: a 1-2 star rating raises the chance a rating session ends only from {cal.get('leave_rate', float('nan')):.4f} to {cal.get('leave_rate_disappointed', float('nan')):.4f}, but a low rating of a film seen years ago is not a disappointing recommendation |
+| most recommendations per session | {d.episode_length} | KuaiSim's max_step_per_episode |
 
-{chr(10).join(verdicts)}
+The parameters were fixed, and these numbers measured, before any agent was trained; none was changed after.
+With the dynamics **off** (`SimulatorConfig.memoryless()`: β = 0, no patience, h = 0, {m.episode_length}
+recommendations) the simulator is the memoryless one moekit had before (a test checks it against an
+independent re-implementation).
 
-Training curve: `dqn_reward_curve.png` (episode return on training users, 100-episode moving average; dashed lines:
-the baselines' mean return on test users, seed {args.seeds[0]}). Raw numbers: `docs/results/dqn.json`.
+## Policies
 
-![reward curve](dqn_reward_curve.png)
+All policies see the same observation: the user's 10 latest liked movies (known part, then liked
+recommendations) and demographic features (gender, age group, occupation), and the session's latest 10
+recommendations with their reactions and the step count; none sees the hidden exposure or patience.
+
+- **random**, **most-popular** (most known ratings).
+- **myopic greedy (γ = 0)**: the greedy ranker learned from the same data as the DQN: the same Q-network,
+  trained the same way on the same number of simulator interactions, with discount 0, i.e. a model of the
+  immediate reward of each movie given the observation, ranked greedily.
+- **DQN**: Double DQN, target network copied every 1000 steps, Huber loss, {args.n_step}-step returns with
+  γ = {args.gamma}, replay of 50,000 transitions, Adam lr 1e-3, batch 64, one gradient step per env step,
+  epsilon 1 -> 0.05 over the first half of training, exploration {args.explore}
+  ({'proportional to known-rating counts + 1' if args.explore == 'popular' else 'uniform'}); Q(s, a) = V(s) + A(s, a) - mean A
+  (dueling), A(s, a) = <f(s), e_a + W g_a> + b_a, f = history embeddings + user features + session features
+  -> residual MLP or **MoE** block (4 experts, top-2), width 64. **Random initialisation** (no MF warm start).
+  {args.steps:,} env steps per learned policy and seed (mean training time: {', '.join(f'{n} {s:.0f} s' for n, s in secs.items())}).
+- References that read what no policy sees, labelled as such: **greedy-MF** ranks by the user's MF
+  prediction (the taste model, blind to the dynamics); the **myopic oracle** takes the best true immediate
+  reaction given the hidden state; the **lookahead oracle** searches {args.oracle_depth} steps ahead on the hidden
+  state (beam of 6 items, one per genre set; the leave probability folded in as the chance to go on). They
+  bound what the observation-based policies could reach; the gap between the two oracles is what planning
+  is worth in this simulator.
+
+Evaluation: one greedy session per test user ({store.get('test_users', 0)} users; `env.reset(seed=seed + k)` for the k-th user, so every
+policy meets the same leave draws), mean over users; then mean ± std over seeds {seeds}.
+
+## Results: dynamics on
+
+{tables.get('on', '(not run)')}
+
+{verdicts.get('on', '')}
+
+## Results: dynamics off (the memoryless simulator)
+
+{tables.get('off', '(not run)')}
+
+{verdicts.get('off', '')}
+
+## What was tried for the DQN
+
+The DQN's discount and n-step length were chosen before the 3-seed runs, on the greedy return of training
+users (never the test users). Every variant below is run by this command on seed {seeds[0]} with the dynamics on;
+the last two columns compare, on the same training users, the Q-value of the items the greedy policy picks
+with the discounted return that actually followed (over-estimation: the max over ~1,600 noisy item values,
+fed back through bootstrapping).
+
+{chr(10).join(variant_rows)}
+
+## Learning curves
+
+Greedy return on {args.curve_users} fixed training users along training (mean over seeds, band: min-max), with
+the fixed policies on the same users as dashed lines.
+
+{chr(10).join(f'![{p.stem}]({p.name})' for p in plot_paths)}
 """
-    atomic_write_text(args.out, text)
-    atomic_write_json(Path(args.out).with_suffix(".json"), {"results": results, "train_seconds": train_seconds,
-                                                            "args": vars(args)})
+    atomic_write_text(out, text)
     print(text)
+
+
+def make_plots(store: dict, args, learned: list[str], out: Path) -> list[Path]:
+    runs, paths = store["runs"], []
+    for setting in args.settings:
+        for metric, ylabel in (("return", "greedy return per session"), ("session_length", "session length (recommendations)")):
+            if metric == "session_length" and setting == "off":
+                continue  # always 10
+            curves, bands = {}, {}
+            for n in learned:
+                ys = [runs[f"{setting}/{s}"][n]["curve"][metric] for s in args.seeds if n in runs.get(f"{setting}/{s}", {})]
+                if not ys:
+                    continue
+                x = runs[f"{setting}/{args.seeds[0]}"][n]["curve"]["step"]
+                ys = np.array(ys)
+                curves[n], bands[n] = (x, ys.mean(0)), (ys.min(0), ys.max(0))
+            refs = {}
+            for n in FIXED + REFERENCES:
+                v = [runs[f"{setting}/{s}"][n]["curve_users"][metric] for s in args.seeds if n in runs.get(f"{setting}/{s}", {})]
+                if v:
+                    refs[n] = float(np.mean(v))
+            path = out.with_name(f"dqn_{metric}_{setting}.png")
+            plot_curves(curves, path, xlabel="training env steps (recommendations)", ylabel=ylabel,
+                        title=f"{SETTINGS[setting]}: {ylabel} on {args.curve_users} training users, seeds {args.seeds}",
+                        references=refs, bands=bands)
+            paths.append(path)
+    return paths
 
 
 if __name__ == "__main__":

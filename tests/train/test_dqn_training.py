@@ -1,29 +1,38 @@
-"""DQN training loop, baselines and checkpoints on a tiny synthetic MovieLens."""
+"""DQN training loop, evaluation and run folders on a tiny synthetic MovieLens."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-import torch
 
 from moekit.data.movielens import synthetic_movielens
-from moekit.rl.simulator import MovieLensSimulator, RecommendationEnv, SimulatorConfig
+from moekit.rl.dqn import QNetwork
+from moekit.rl.policies import random_policy
+from moekit.rl.simulator import LoggedRatings
 from moekit.train.dqn import (
     DQNTrainConfig,
+    build_simulator,
     epsilon,
     evaluate_policy,
-    greedy_mf_policy,
-    load_dqn,
-    most_popular_policy,
-    random_policy,
+    evaluate_run,
+    load_run,
     train_dqn,
+    value_calibration,
 )
 
 
-def _sim(**kw) -> MovieLensSimulator:
-    ml = synthetic_movielens(num_users=20, num_items=30, ratings_per_user=10, seed=4)
-    config = SimulatorConfig(episode_length=5, state_len=3, mf_factors=4, mf_iterations=3, **kw)
-    return MovieLensSimulator(ml, config)
+def _data() -> LoggedRatings:
+    return LoggedRatings.from_movielens(synthetic_movielens(num_users=20, num_items=30, ratings_per_user=10, seed=4))
+
+
+def _cfg(**kw) -> DQNTrainConfig:
+    base = dict(total_steps=120, learning_starts=20, batch_size=8, buffer_size=50, target_update=30,
+                eps_decay_steps=60, eval_every=60, eval_users=5, progress=False,
+                sim={"episode_length": 6, "state_len": 3, "session_window": 3, "mf_factors": 4, "mf_iterations": 3},
+                q={"dim": 8, "ffn_hidden": 8})
+    return DQNTrainConfig(**(base | kw))
 
 
 def test_epsilon_decays_linearly_then_stays():
@@ -31,44 +40,64 @@ def test_epsilon_decays_linearly_then_stays():
     assert [epsilon(s, cfg) for s in (0, 50, 100, 1000)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
 
 
-@pytest.mark.parametrize("q_net", ["mlp", "moe"])
-def test_training_is_seeded_and_checkpoints_round_trip(tmp_path, q_net):
-    sim = _sim()
-    cfg = DQNTrainConfig(total_steps=120, learning_starts=20, batch_size=8, buffer_size=50, target_update=30,
-                         eps_decay_steps=60, checkpoint_every=60,
-                         q={"q_net": q_net, "dim": 8, "ffn_hidden": 8},
-                         explore="popular", init_from_mf=True, out_dir=str(tmp_path / "run"),
-                         progress=False)
-    net, report = train_dqn(cfg, sim=sim)
-    assert len(report["train_returns"]) == 120 // 5
-    _, again = train_dqn(DQNTrainConfig(**{**cfg.__dict__, "out_dir": None}), sim=_sim())
+@pytest.mark.parametrize("q_net,dynamics,gamma", [("mlp", True, 0.9), ("moe", False, 0.9), ("mlp", True, 0.0)])
+def test_training_is_seeded_and_the_run_folder_reproduces_the_test_numbers(tmp_path, q_net, dynamics, gamma):
+    data = _data()
+    cfg = _cfg(q={"q_net": q_net, "dim": 8, "ffn_hidden": 8}, dynamics=dynamics, gamma=gamma, explore="popular",
+               out_dir=str(tmp_path / "run"), checkpoint_every=60)
+    net, report = train_dqn(cfg, data)
+    assert sum(report["train_lengths"]) <= 120 and report["curve"]["step"] == [60, 120]
+    assert report["policy"] == (f"DQN ({q_net})" if gamma else f"myopic greedy ({q_net}, γ = 0)")
+    again_net, again = train_dqn(DQNTrainConfig(**{**cfg.__dict__, "out_dir": None}), data)
     assert again["train_returns"] == report["train_returns"] and again["test"] == report["test"]
-    loaded, saved = load_dqn(tmp_path / "run")
-    state = torch.tensor([[1, 2, 30]])
-    torch.testing.assert_close(loaded(state)[0], net(state)[0])
-    assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 1000
-    assert saved["train"]["total_steps"] == 120
+    # the run folder: rebuild the simulator from config.json, evaluate the saved weights -> same numbers
+    assert evaluate_run(tmp_path / "run", data) == report["test"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["test"] == json.loads(json.dumps(report["test"]))
+    loaded, config = load_run(tmp_path / "run")
+    assert config["train"]["total_steps"] == 120 and config["simulator"]["boredom"] == (0.5 if dynamics else 0.0)
+    assert isinstance(QNetwork.from_pretrained(tmp_path / "run"), QNetwork)
+    for name in ("model.safetensors", "q_network.safetensors", "reward_curve.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 1000
 
 
-def test_baselines_do_what_they_say():
-    sim = _sim()
-    env = RecommendationEnv(sim, "test")
-    user = int(sim.test_users[0])
-    _, info = env.reset(options={"user": user})
-    mask = info["action_mask"]
-    allowed = np.flatnonzero(mask)
-    assert most_popular_policy(sim)(user, None, mask) == allowed[np.argmax(sim.item_count[allowed])]
-    pred = [sim.mf.predict(user, i) for i in allowed]
-    assert greedy_mf_policy(sim)(user, None, mask) == allowed[int(np.argmax(pred))]
-    assert mask[random_policy(0)(user, None, mask)]
-    results = {name: evaluate_policy(sim, pol, sim.test_users) for name, pol in
-               [("random", random_policy(0)), ("greedy", greedy_mf_policy(sim))]}
-    # greedy on the simulator's own user model is at least as good on simulated stars as random
-    assert results["greedy"]["mean_stars"] >= results["random"]["mean_stars"]
-    for m in results.values():
-        assert m["users"] == len(sim.test_users) and -10 <= m["return"] <= 10 and 0 <= m["hit_rate"] <= 1
+def test_evaluation_reports_every_metric_and_how_sessions_end():
+    sim = build_simulator(_cfg(sim={"episode_length": 40, "mf_factors": 4, "mf_iterations": 3}), _data())
+    m = evaluate_policy(sim, random_policy(0), sim.test_users, seed=3)
+    assert m["users"] == len(sim.test_users) and sum(m["ended_by"].values()) == len(sim.test_users)
+    assert set(m["ended_by"]) <= {"patience", "leave", "budget", "catalogue"}
+    assert 1 <= m["session_length"] <= 40 and 0 <= m["hit_rate"] <= 1 and 1 <= m["mean_stars"] <= 5
+    assert m == evaluate_policy(sim, random_policy(0), sim.test_users, seed=3)
 
 
-def test_bad_exploration_is_rejected():
+def test_myopic_ranker_learns_the_immediate_reward():
+    """With gamma 0 the targets are the rewards: on a fixed batch the loss must fall towards 0."""
+    cfg = _cfg(gamma=0.0, total_steps=400, learning_starts=50, batch_size=32, lr=3e-3, eval_every=0,
+               eps_decay_steps=400, eps_end=1.0)
+    net, report = train_dqn(cfg, _data())
+    assert report["final_loss"] < 0.1
+    assert np.isfinite(report["test"]["return"])
+
+
+def test_value_calibration_compares_q_with_the_realised_discounted_return():
+    from moekit.rl.policies import q_policy
+
+    data = _data()
+    cfg = _cfg(gamma=0.0, eval_every=0)
+    net, _ = train_dqn(cfg, data)
+    sim = build_simulator(cfg, data)
+    m = evaluate_policy(sim, q_policy(net), sim.test_users, seed=1)
+    c = value_calibration(sim, net, sim.test_users, gamma=0.0, seed=1)
+    # gamma 0: the realised "return" of a step is its reward, so its mean is return / session length
+    assert c["mean_discounted_return"] == pytest.approx(m["return"] / m["session_length"])
+    c1 = value_calibration(sim, net, sim.test_users, gamma=1.0, seed=1)
+    assert c1["mean_q"] == c["mean_q"] and c1["mean_discounted_return"] != c["mean_discounted_return"]
+
+
+def test_bad_config_is_rejected_in_one_line():
     with pytest.raises(ValueError, match="explore must be"):
-        train_dqn(DQNTrainConfig(explore="boltzmann", progress=False), sim=_sim())
+        DQNTrainConfig(explore="boltzmann")
+    with pytest.raises(ValueError, match=r"gamma must lie in \[0, 1\]"):
+        DQNTrainConfig(gamma=1.5)
+    with pytest.raises(FileNotFoundError, match="is .* a `moekit train dqn` checkpoint"):
+        evaluate_run("/nonexistent/run")
