@@ -145,3 +145,39 @@ def expert_load_heatmap(load_rows: list[dict], path: str | os.PathLike, last_fra
                       vmax=uniform + spread, xlabel="expert", ylabel="MoE layer")
     ax.set_title(f"expert load, last {last_fraction:.0%} of steps (uniform = {uniform:.3f})", fontsize=10)
     return save_png(fig, path)
+
+
+def line_curves(curves: dict[str, tuple], path: str | os.PathLike, xlabel: str, ylabel: str, title: str = "",
+                smooth: int = 1, references: dict[str, float] | None = None,
+                bands: dict[str, tuple] | None = None) -> Path:
+    """One line per curve, (x, y) each (a moving average over `smooth` points where there are enough; a
+    curve of one or two points is drawn with markers, so a short run still shows), dashed horizontal
+    lines for `references`, optional (low, high) bands per curve; every line its own colour, the legend
+    outside the axes (off the data)."""
+    plt = pyplot()
+    colors = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    k = 0
+    for name, (x, y) in curves.items():
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if len(y) == 0:
+            continue
+        w = max(1, min(smooth, len(y)))
+        ys = np.convolve(y, np.ones(w) / w, mode="valid")
+        xs = x[w - 1:]
+        color = colors[k % len(colors)]
+        ax.plot(xs, ys, label=name, color=color, marker="o" if len(ys) < 3 else None)
+        if bands and name in bands:
+            lo, hi = (np.asarray(b, dtype=float)[w - 1:] for b in bands[name])
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+        k += 1
+    for name, value in (references or {}).items():
+        ax.axhline(value, linestyle="--", linewidth=1.2, label=name, color=colors[k % len(colors)])
+        k += 1
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if k:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return save_png(fig, path)

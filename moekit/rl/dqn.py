@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config import ConfigError, check_choice, check_int, check_number, documented
 from moekit.layers.config import MoEConfig
 from moekit.layers.experts import FeedForward
 from moekit.layers.moe import MoE
@@ -37,9 +38,39 @@ from moekit.models.pretrained import Pretrained
 OBS_KEYS = ("history", "user", "items", "stars", "step")
 
 
+@documented
 @dataclass
-class QNetworkConfig:
-    """Sizes and options of a `QNetwork` (the simulator fixes the first five, see
+class QNetworkOptions:
+    """The Q-network's architecture, without the sizes the simulator fixes (what a run config holds)."""
+
+    q_net: str = "mlp"
+    """'mlp' (a dense residual FFN block) or 'moe' (a sparse MoE block in its place)."""
+    dim: int = 64
+    """Width of the state encoding and of the item embeddings."""
+    ffn_hidden: int = 128
+    """Hidden width of the residual block (MLP) or of each expert (MoE)."""
+    num_experts: int = 4
+    """MoE: experts in the block."""
+    top_k: int = 2
+    """MoE: experts per state."""
+    aux_loss_coef: float = 0.01
+    """MoE: load-balancing loss weight."""
+    dueling: bool = True
+    """Q = V(s) + A(s, a) - mean A (a state-value head); False: Q = A(s, a)."""
+
+    def __post_init__(self) -> None:
+        check_choice("q_net", self.q_net, ("mlp", "moe"))
+        for name in ("dim", "ffn_hidden", "num_experts", "top_k"):
+            check_int(name, getattr(self, name), 1)
+        check_number("aux_loss_coef", self.aux_loss_coef, 0.0)
+        if self.q_net == "moe" and self.top_k > self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
+
+
+@documented
+@dataclass(kw_only=True)
+class QNetworkConfig(QNetworkOptions):
+    """Sizes and options of a `QNetwork`: the options plus what the simulator fixes (see
     `moekit.train.dqn.build_q_network`)."""
 
     num_items: int
@@ -52,24 +83,15 @@ class QNetworkConfig:
     """W: how many latest recommendations the observation holds."""
     max_steps: float = 100.0
     """Session step count is divided by this before it enters the network."""
-    dim: int = 64
-    ffn_hidden: int = 128
-    q_net: str = "mlp"
-    """'mlp' (a dense residual FFN block) or 'moe' (a sparse MoE block in its place)."""
-    num_experts: int = 4
-    top_k: int = 2
-    aux_loss_coef: float = 0.01
-    dueling: bool = True
-    """Q = V(s) + A(s, a) - mean A (a state-value head); False: Q = A(s, a)."""
 
     def __post_init__(self) -> None:
-        if self.q_net not in ("mlp", "moe"):
-            raise ValueError(f"unknown q_net={self.q_net!r}; expected 'mlp' or 'moe'")
-        if self.num_items < 1 or self.dim < 1:
-            raise ValueError(f"num_items and dim must be >= 1 (got {self.num_items}, {self.dim})")
+        super().__post_init__()
+        check_int("num_items", self.num_items, 1)
+        check_int("num_genres", self.num_genres, 0)
+        check_int("session_window", self.session_window, 1)
         if not self.user_feature_sizes or min(self.user_feature_sizes) < 1:
-            raise ValueError(f"user_feature_sizes must be a non-empty list of sizes >= 1 "
-                             f"(got {self.user_feature_sizes})")
+            raise ConfigError(f"user_feature_sizes must be a non-empty list of sizes >= 1 "
+                              f"(got {self.user_feature_sizes})")
 
 
 class QNetwork(Pretrained, nn.Module):

@@ -194,8 +194,10 @@ FLAG_CASES = [
     Case("two-tower --ks 0", TWO_TOWER + " --ks 0", "train.ks must be >= 1 (got 0)"),
     Case("two-tower --epochs 0", TWO_TOWER + " --epochs 0", "train.epochs must be >= 1 (got 0)"),
     Case("two-tower --ks 5000 (before training)", TWO_TOWER + " --ks 5000", "train.ks: k=5000 but a user has only"),
-    Case("dqn --steps 0", DQN.replace("--steps 50", "--steps 0"), "--steps"),
-    Case("dqn --gamma 1.5", DQN + " --gamma 1.5", "gamma"),
+    Case("dqn --steps 0", DQN.replace("--steps 50", "--steps 0"), "train.total_steps must be >= 1 (got 0)"),
+    Case("dqn --gamma 1.5", DQN + " --gamma 1.5", "train.gamma must be <= 1.0 (got 1.5)"),
+    Case("dqn unknown simulator setting", DQN + " data.simulator.boredum=0.3", "unknown key(s) data.simulator.boredum"),
+    Case("dqn --resume", DQN + " --resume", "--resume is not supported for dqn runs"),
     Case("mtl --split", MTL.replace("--data-dir {data}/census-income", "--data {own}/table.csv --tasks click")
          + " --split 0.5,0.6,0.1", "data.split must be three fractions"),
     Case("mtl task weight of an unknown task", MTL + ' train.task_weights={{"nope":1}}',

@@ -29,7 +29,8 @@ SMALL = {  # command words -> settings that make it quick
     ("recommend",): ["--user", "2"],
     ("train", "two-tower"): ["train.epochs=1", "--dim", "8", "--history-len", "4", "--ks", "1,5", "--no-progress"],
     ("retrieve",): ["--user", "2", "-k", "3"],
-    ("train", "dqn"): ["--steps", "200", "--episode-length", "3", "--state-len", "3", "--eps-decay-steps", "100"],
+    ("train", "dqn"): ["--steps", "200", "data.simulator.episode_length=3", "data.simulator.state_len=3",
+                       "--eps-decay-steps", "100", "--no-progress", "--oracle-depth", "1"],
 }
 
 

@@ -52,9 +52,14 @@ def test_train_dqn_prints_the_comparison_and_writes_the_curve(tmp_path, capsys):
     data = tmp_path / "ml-100k"
     _write_ml100k(data)
     out = tmp_path / "dqn"
-    assert main(["train", "dqn", "--data-dir", str(data), "--out", str(out), "--steps", "600",
-                 "--episode-length", "4", "--state-len", "3", "--eps-decay-steps", "300"]) == 0
+    assert main(["train", "dqn", "--data-dir", str(data), "--out", str(out), "--steps", "600", "--no-progress",
+                 "data.simulator.episode_length=4", "data.simulator.state_len=3", "--eps-decay-steps", "300",
+                 "--oracle-depth", "2"]) == 0
     text = capsys.readouterr().out
-    for name in ("random", "most-popular", "greedy-MF", "DQN (mlp)"):
+    for name in ("random", "most-popular", "greedy-MF", "DQN (mlp)", "myopic greedy (mlp, γ = 0)",
+                 "lookahead oracle, depth 2"):
         assert name in text
-    assert (out / "reward_curve.png").is_file() and (out / "q_network.safetensors").is_file()
+    assert (out / "reward_curve.png").read_bytes()[:4] == b"\x89PNG" and (out / "model.safetensors").is_file()
+    assert (out / "myopic" / "results.json").is_file()
+    assert main(["eval", "dqn", "--ckpt", str(out)]) == 0
+    assert capsys.readouterr().out.count("= reported") == 6

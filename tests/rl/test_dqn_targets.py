@@ -119,7 +119,7 @@ def test_dueling_head_splits_state_value_and_item_advantages():
 
 
 def test_bad_config_is_rejected():
-    with pytest.raises(ValueError, match="unknown q_net"):
+    with pytest.raises(ValueError, match="q_net must be one of mlp, moe"):
         QNetworkConfig(num_items=3, q_net="rnn")
     with pytest.raises(ValueError, match="user_feature_sizes"):
         QNetworkConfig(num_items=3, user_feature_sizes=[])
