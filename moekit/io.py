@@ -74,16 +74,3 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"checkpoint file {path} is corrupt or not a safetensors file: {error}") from error
-
-
-def read_checkpoint_config(ckpt_dir: str | os.PathLike, command: str) -> tuple[Path, dict]:
-    """(folder, parsed config.json) of a checkpoint folder written by `moekit <command>`, with an error
-    that names the file and the command when the folder is not one."""
-    ckpt = Path(ckpt_dir)
-    path = ckpt / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {ckpt} a `moekit {command}` checkpoint (its --out folder)?")
-    try:
-        return ckpt, json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error

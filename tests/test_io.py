@@ -1,21 +1,29 @@
-"""Checkpoint-folder config reading: the error names the file and the command."""
+"""Atomic writes: the old file or the new one, never half; a failed write leaves no temporary file."""
 
+import errno
 import json
+import os
 
 import pytest
 
-from moekit.io import read_checkpoint_config
+from moekit.io import atomic_write_json, atomic_write_text
 
 
-def test_read_checkpoint_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model": "fame"}))
-    folder, config = read_checkpoint_config(tmp_path, "train seqrec")
-    assert folder == tmp_path and config == {"model": "fame"}
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = tmp_path / "deep" / "folder" / "a.json"
+    atomic_write_json(path, {"x": 1})
+    atomic_write_json(path, {"x": 2})
+    assert json.loads(path.read_text()) == {"x": 2} and os.listdir(path.parent) == ["a.json"]
 
 
-def test_missing_or_corrupt_config_names_the_file_and_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"config.json not found: is .* a `moekit train dqn` checkpoint"):
-        read_checkpoint_config(tmp_path, "train dqn")
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json is not valid JSON"):
-        read_checkpoint_config(tmp_path, "train dqn")
+def test_a_failed_write_keeps_the_old_file_and_names_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    atomic_write_text(path, "old")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=f"cannot write {path}: No space left on device"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["report.md"]
