@@ -2,6 +2,7 @@
 
     read_interactions(path, ...)   user, item, timestamp[, rating] columns of a CSV/TSV/Parquet file
     read_item_metadata(path, ...)  titles and categories/tags per item (optional)
+    read_user_features(path, ...)  categorical columns per user: age band, country, plan... (optional)
 
 Ids are kept as the file spells them (strings): `user_42`, `B00ABC` or `42` alike. Timestamps may be
 numbers (any unit; only their order matters) or dates pandas can parse. MovieLens and Amazon Beauty
@@ -66,6 +67,11 @@ class InteractionsConfig:
     """Separator of several categories in one cell."""
     min_rating: float | None = None
     """Keep interactions rated at least this (explicit feedback as implicit); None: every interaction."""
+    users: str | None = None
+    """User features file: the user column and categorical columns (age band, country, plan...), used by
+    two-tower's user tower and the RL simulator's users."""
+    user_feature_columns: tuple[str, ...] | None = None
+    """Columns of the users file to use (None: every column but the user column)."""
 
     def read(self) -> tuple[Ratings, ItemMetadata]:
         """The log's interactions (filtered by min_rating) and the item metadata (empty without `items`)."""
@@ -82,9 +88,15 @@ class InteractionsConfig:
                                       self.category_separator, self.delimiter)
         return ratings, meta
 
+    def read_users(self) -> UserFeatures | None:
+        """The users file's categorical features (None without `users`)."""
+        if self.users is None:
+            return None
+        return read_user_features(self.users, self.user_column, self.user_feature_columns, self.delimiter)
+
     def absolute(self) -> dict:
         """The file fields as absolute paths (for a run folder that is evaluated from anywhere)."""
-        return {k: str(Path(v).expanduser().resolve()) for k in ("path", "items") if (v := getattr(self, k))}
+        return {k: str(Path(v).expanduser().resolve()) for k in ("path", "items", "users") if (v := getattr(self, k))}
 
 
 @dataclass
@@ -122,7 +134,8 @@ def read_interactions(path: str | os.PathLike, user_column: str = "user", item_c
                 row = int(bad[0])
                 raise TableError(f"{path}, line {row + 2}: column {time_column!r} is neither a number nor a date: "
                                  f"{frame[time_column].iloc[row]!r}")
-            timestamp = dates.astype("int64").to_numpy() // 10**9
+            # seconds since 1970 whatever the parsed unit (pandas may give ns or us)
+            timestamp = ((dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
     rating = numeric_values(frame, rating_column, path).astype(np.float32) if rating_column \
         else np.ones(len(frame), dtype=np.float32)
     return Ratings(_ids(frame[user_column]), _ids(frame[item_column]), rating, timestamp)
@@ -158,3 +171,50 @@ def read_item_metadata(path: str | os.PathLike, item_column: str = "item", title
         if tags:
             meta.categories[str(item)] = tuple(dict.fromkeys(tags))
     return meta
+
+
+@dataclass
+class UserFeatures:
+    """Categorical user features from a users file: per column its values (index 0: unknown, for users the
+    file does not list or values not seen), and each user's codes by raw id."""
+
+    columns: list[str]
+    vocab: list[list[str]]
+    """Per column, the values in code order (code 0 is 'unknown')."""
+    codes: dict[str, list[int]]
+    """Raw user id (as text) -> one code per column."""
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(len(v) for v in self.vocab)
+
+    def matrix(self, user_ids) -> np.ndarray:
+        """(U, F) int64 codes for the given raw ids, in that order (0 for users the file does not list)."""
+        unknown = [0] * len(self.columns)
+        return np.array([self.codes.get(str(u), unknown) for u in np.asarray(user_ids).tolist()],
+                        dtype=np.int64).reshape(-1, len(self.columns))
+
+
+def read_user_features(path: str | os.PathLike, user_column: str = "user", columns: tuple[str, ...] | None = None,
+                       delimiter: str | None = None) -> UserFeatures:
+    """A users file's categorical columns, each value coded 1.. in sorted order (0: unknown, for empty
+    cells, users the file does not list and values not seen)."""
+    path = Path(path)
+    frame = read_table(path, [user_column, *(columns or ())], delimiter)
+    chosen = list(columns) if columns else [c for c in frame.columns if c != user_column]
+    if not chosen:
+        raise TableError(f"{path}: no feature column besides {user_column!r}")
+    ids = _ids(frame[user_column])
+    duplicated = frame[user_column].astype(str).str.strip().duplicated().to_numpy()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated)[0])
+        raise TableError(f"{path}, line {row + 2}: user {ids.tolist()[row]!r} appears twice")
+    vocab, coded = [], []
+    for column in chosen:
+        text = frame[column].astype(str).str.strip().where(frame[column].notna(), "")
+        values = sorted(set(text) - {""})
+        index = {"": 0, **{v: k for k, v in enumerate(values, 1)}}
+        vocab.append(["<unknown>", *values])
+        coded.append([index[v] for v in text])
+    codes = {str(u): [c[row] for c in coded] for row, u in enumerate(ids.tolist())}
+    return UserFeatures(chosen, vocab, codes)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.data.interactions import ItemMetadata, Ratings
+from moekit.data.interactions import ItemMetadata, Ratings, UserFeatures
 from moekit.data.paths import find_file, open_text, resolve_data_dir
 
 URLS = {
@@ -74,6 +74,18 @@ class MovieLens:
     occupations: list[str]
     genre_names: list[str] = field(default_factory=lambda: list(GENRES))
     """Names of the genre flags (MovieLens's genres, or the categories of your own items file)."""
+    extra_user_features: np.ndarray | None = None
+    """(U, F) int64 categorical user features from your own users file (replacing gender, age group and
+    occupation), with `extra_user_feature_sizes`."""
+    extra_user_feature_sizes: tuple[int, ...] | None = None
+
+    def user_features(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        """(U, F) categorical user features and each one's number of values: your users file's, else
+        MovieLens's gender, age group and occupation."""
+        if self.extra_user_features is not None:
+            return self.extra_user_features, tuple(self.extra_user_feature_sizes)
+        table = np.stack([self.gender, self.age_group, self.occupation], axis=1).astype(np.int64)
+        return table, (2, len(AGE_GROUPS), len(self.occupations))
 
     @property
     def num_users(self) -> int:
@@ -92,9 +104,11 @@ class MovieLens:
         return int(hits[0])
 
 
-def from_interactions(ratings: Ratings, meta: ItemMetadata, name: str) -> MovieLens:
+def from_interactions(ratings: Ratings, meta: ItemMetadata, name: str, users: UserFeatures | None = None
+                      ) -> MovieLens:
     """Your own log as the arrays retrieval reads: ids numbered 0.. in sorted order; each item's
-    categories (or tags) as its genre flags; release years and user features unknown (zeros)."""
+    categories (or tags) as its genre flags; the users file's columns as user features (without one, a
+    single constant feature); release years unknown (zeros)."""
     user_ids, user = np.unique(ratings.user, return_inverse=True)
     item_ids, item = np.unique(ratings.item, return_inverse=True)
     categories = sorted({c for tags in meta.categories.values() for c in tags}) or ["none"]
@@ -109,7 +123,9 @@ def from_interactions(ratings: Ratings, meta: ItemMetadata, name: str) -> MovieL
                      titles=[meta.titles.get(str(raw), str(raw)) for raw in item_ids.tolist()],
                      years=np.zeros(len(item_ids), dtype=np.int64), genres=genres, user_ids=user_ids,
                      gender=zeros_U, age_group=zeros_U.copy(), occupation=zeros_U.copy(), occupations=["unknown"],
-                     genre_names=categories)
+                     genre_names=categories,
+                     extra_user_features=users.matrix(user_ids) if users else zeros_U[:, None].copy(),
+                     extra_user_feature_sizes=users.sizes if users else (1,))
 
 
 def _fields(path: Path, sep: str, count: int, encoding: str = "latin-1"):

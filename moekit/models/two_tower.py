@@ -83,16 +83,20 @@ class TwoTowerConfig(TwoTowerOptions):
     num_items: int
     """Items in the catalogue."""
     num_genres: int = 19
-    """Genre flags per item."""
-    num_age_groups: int = 7
-    """User age groups."""
-    num_occupations: int = 21
-    """User occupations."""
+    """Genre (or category, tag) flags per item."""
+    user_feature_sizes: tuple[int, ...] = (2, 7, 21)
+    """Values of each categorical user feature (MovieLens: gender, age group, occupation); each gets an
+    embedding and the user's profile is their sum."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_users", "num_items", "num_genres", "num_age_groups", "num_occupations"):
+        for name in ("num_users", "num_items", "num_genres"):
             check_int(name, getattr(self, name), 1)
+        self.user_feature_sizes = tuple(self.user_feature_sizes)
+        if not self.user_feature_sizes:
+            raise ConfigError("user_feature_sizes must list at least one feature (one of size 1: a constant)")
+        for size in self.user_feature_sizes:
+            check_int("user_feature_sizes", size, 1)
 
 
 @dataclass
@@ -137,8 +141,9 @@ class Tower(nn.Module):
 
 
 class TwoTower(Pretrained, nn.Module):
-    """User tower(user id, gender, age group, occupation, pooled history) and item tower(item id,
-    genres, year bucket). Side features are buffers, so a checkpoint carries them."""
+    """User tower(user id, categorical user features (MovieLens: gender, age group, occupation), pooled
+    history) and item tower(item id, genres, year bucket). Side features are buffers, so a checkpoint
+    carries them."""
 
     config_class = TwoTowerConfig
     family = "two-tower"
@@ -152,38 +157,38 @@ class TwoTower(Pretrained, nn.Module):
         self.genre_proj = nn.Linear(c.num_genres, D, bias=False)
         self.year_emb = nn.Embedding(c.num_year_buckets, D)
         self.user_emb = nn.Embedding(c.num_users, D) if c.use_user_id else None
-        self.gender_emb = nn.Embedding(2, D)
-        self.age_emb = nn.Embedding(c.num_age_groups, D)
-        self.occupation_emb = nn.Embedding(c.num_occupations, D)
+        self.user_feature_emb = nn.ModuleList(nn.Embedding(size, D) for size in c.user_feature_sizes)
         if c.pooling == "attention":
             self.pool_query = nn.Linear(D, D, bias=False)
         self.user_tower = Tower(3 * D if c.use_user_id else 2 * D, c)
         self.item_tower = Tower(3 * D, c)
         self.register_buffer("item_genres", torch.zeros(c.num_items, c.num_genres))
         self.register_buffer("item_year", torch.zeros(c.num_items, dtype=torch.long))
-        self.register_buffer("user_gender", torch.zeros(c.num_users, dtype=torch.long))
-        self.register_buffer("user_age", torch.zeros(c.num_users, dtype=torch.long))
-        self.register_buffer("user_occupation", torch.zeros(c.num_users, dtype=torch.long))
+        self.register_buffer("user_features", torch.zeros(c.num_users, len(c.user_feature_sizes), dtype=torch.long))
         nn.init.normal_(self.item_emb.weight, std=0.05)
         with torch.no_grad():
             self.item_emb.weight[self.pad_item].zero_()
 
-    def set_side_features(self, item_genres_IG: Tensor, item_year_I: Tensor, user_gender_U: Tensor,
-                          user_age_U: Tensor, user_occupation_U: Tensor) -> None:
-        """Copy the catalogue's and users' static features into the model (checked against the config)."""
+    def set_side_features(self, item_genres_IG: Tensor, item_year_I: Tensor, user_features_UF: Tensor) -> None:
+        """Copy the catalogue's and the users' static features into the model (checked against the config)."""
         c = self.config
-        checks = {"item_genres": (item_genres_IG, (c.num_items, c.num_genres), c.num_genres),
-                  "item_year": (item_year_I, (c.num_items,), c.num_year_buckets),
-                  "user_gender": (user_gender_U, (c.num_users,), 2),
-                  "user_age": (user_age_U, (c.num_users,), c.num_age_groups),
-                  "user_occupation": (user_occupation_U, (c.num_users,), c.num_occupations)}
-        for name, (value, shape, limit) in checks.items():
-            value = torch.as_tensor(value)
+        item_genres_IG, item_year_I, user_features_UF = (torch.as_tensor(t) for t in (item_genres_IG, item_year_I,
+                                                                                     user_features_UF))
+        for name, value, shape in (("item_genres", item_genres_IG, (c.num_items, c.num_genres)),
+                                   ("item_year", item_year_I, (c.num_items,)),
+                                   ("user_features", user_features_UF, (c.num_users, len(c.user_feature_sizes)))):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} (got {tuple(value.shape)})")
-            if name != "item_genres" and (value.min() < 0 or value.max() >= limit):
-                raise ValueError(f"{name} values must lie in [0, {limit}) (got {value.min()}..{value.max()})")
-            getattr(self, name).copy_(value)
+        if item_year_I.numel() and (item_year_I.min() < 0 or item_year_I.max() >= c.num_year_buckets):
+            raise ValueError(f"item_year values must lie in [0, {c.num_year_buckets})")
+        for f, size in enumerate(c.user_feature_sizes):
+            column = user_features_UF[:, f]
+            if column.numel() and (column.min() < 0 or column.max() >= size):
+                raise ValueError(f"user feature {f} values must lie in [0, {size}) "
+                                 f"(got {column.min()}..{column.max()})")
+        self.item_genres.copy_(item_genres_IG)
+        self.item_year.copy_(item_year_I)
+        self.user_features.copy_(user_features_UF)
 
     def item_forward(self, item_B: Tensor) -> TowerOutput:
         x_BF = torch.cat([
@@ -195,8 +200,10 @@ class TwoTower(Pretrained, nn.Module):
 
     def user_forward(self, user_B: Tensor, history_BL: Tensor) -> TowerOutput:
         """`history_BL`: the user's most recent items, padded with `num_items` (any padding position)."""
-        profile_BD = (self.gender_emb(self.user_gender[user_B]) + self.age_emb(self.user_age[user_B])
-                      + self.occupation_emb(self.user_occupation[user_B]))
+        features_BF = self.user_features[user_B]
+        profile_BD = self.user_feature_emb[0](features_BF[:, 0])
+        for f, emb in enumerate(self.user_feature_emb[1:], 1):
+            profile_BD = profile_BD + emb(features_BF[:, f])
         hist_BLD = self.item_emb(history_BL)
         valid_BL = history_BL != self.pad_item
         if self.config.pooling == "attention":

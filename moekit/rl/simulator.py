@@ -135,12 +135,13 @@ class LoggedRatings:
 
     @classmethod
     def from_raw(cls, user_ids, item_ids, rating, timestamp, item_categories: dict | None = None,
-                 name: str = "ratings") -> LoggedRatings:
+                 name: str = "ratings", users=None) -> LoggedRatings:
         """From a log with the dataset's own ids (strings or integers, e.g. the columns of
         `moekit.data.interactions.Ratings`) and optional categories per raw item id (e.g.
         `ItemMetadata.categories`): ids become contiguous indices in sorted order, the categories the
-        genre columns (items without any get an all-False row, so boredom never touches them)."""
-        users, user = np.unique(np.asarray(user_ids).astype(str), return_inverse=True)
+        genre columns (items without any get an all-False row, so boredom never touches them); `users`
+        (`moekit.data.interactions.UserFeatures`) gives the users' categorical features."""
+        raw_users, user = np.unique(np.asarray(user_ids).astype(str), return_inverse=True)
         items, item = np.unique(np.asarray(item_ids).astype(str), return_inverse=True)
         cats = item_categories or {}
         names = sorted({c for i in items for c in cats.get(i, ())})
@@ -149,15 +150,17 @@ class LoggedRatings:
         for k, i in enumerate(items):
             genres[k, [column[c] for c in cats.get(i, ())]] = True
         return cls(user=user.astype(np.int64), item=item.astype(np.int64), rating=np.asarray(rating, dtype=np.float64),
-                   timestamp=np.asarray(timestamp), item_genres=genres, num_users=len(users),
-                   titles=[str(i) for i in items], name=name)
+                   timestamp=np.asarray(timestamp), item_genres=genres, num_users=len(raw_users),
+                   titles=[str(i) for i in items], name=name,
+                   user_features=users.matrix(raw_users) if users is not None else None)
 
     @classmethod
     def from_movielens(cls, ml) -> LoggedRatings:
-        """A `moekit.data.movielens.MovieLens` as arrays; user features: gender, age group, occupation."""
+        """A `moekit.data.movielens.MovieLens` as arrays, with its user features (gender, age group,
+        occupation, or your users file's)."""
         return cls(user=ml.user, item=ml.item, rating=ml.rating, timestamp=ml.timestamp,
                    item_genres=ml.genres.astype(bool), num_users=ml.num_users,
-                   user_features=np.stack([ml.gender, ml.age_group, ml.occupation], axis=1).astype(np.int64),
+                   user_features=ml.user_features()[0],
                    titles=ml.titles, name=ml.name)
 
 

@@ -188,7 +188,7 @@ def load_data(config: DQNDataConfig) -> LoggedRatings:
     if config.dataset == "interactions":
         ratings, meta = config.read()
         return LoggedRatings.from_raw(ratings.user, ratings.item, ratings.rating, ratings.timestamp,
-                                      meta.categories, name=Path(config.path).name)
+                                      meta.categories, name=Path(config.path).name, users=config.read_users())
     from moekit.data.movielens import load_movielens
 
     return LoggedRatings.from_movielens(load_movielens(config.data_dir, config.dataset))

@@ -109,8 +109,7 @@ def prepare_retrieval_data(ml: MovieLens, split: str = "test", history_len: int 
         eval_history=torch.from_numpy(eval_hist), seen=seen, sequences=seqs,
         side={"item_genres_IG": torch.from_numpy(ml.genres.astype(np.float32)),
               "item_year_I": torch.from_numpy(year_buckets(ml.years, num_year_buckets)),
-              "user_gender_U": torch.from_numpy(ml.gender), "user_age_U": torch.from_numpy(ml.age_group),
-              "user_occupation_U": torch.from_numpy(ml.occupation)},
+              "user_features_UF": torch.from_numpy(ml.user_features()[0])},
     )
     return data
 
@@ -150,9 +149,9 @@ def popularity_scores(data: RetrievalData) -> torch.Tensor:
 
 
 def model_config(options: TwoTowerOptions, ml: MovieLens) -> TwoTowerConfig:
-    """The options plus MovieLens's user, item and side-feature counts."""
+    """The options plus the data's user, item and side-feature counts."""
     return TwoTowerConfig(num_users=ml.num_users, num_items=ml.num_items, num_genres=ml.genres.shape[1],
-                          num_occupations=len(ml.occupations), **dataclasses.asdict(options))
+                          user_feature_sizes=ml.user_features()[1], **dataclasses.asdict(options))
 
 
 @documented
@@ -227,7 +226,7 @@ def load_interactions(config: RetrievalDataConfig, data_dir: str | None = None) 
     """The interactions `config` names, as retrieval reads them (MovieLens, or your log)."""
     if config.dataset == "interactions":
         ratings, meta = config.read()
-        return from_interactions(ratings, meta, Path(config.path).name)
+        return from_interactions(ratings, meta, Path(config.path).name, config.read_users())
     ml = load_movielens(data_dir or config.data_dir, config.dataset)
     if config.min_rating is not None:
         keep = ml.rating >= config.min_rating

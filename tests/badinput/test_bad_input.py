@@ -87,7 +87,7 @@ CENSUS = "data/census-income/census-income.test.gz"
 UDATA, UITEM, UUSER = "data/ml-100k/u.data", "data/ml-100k/u.item", "data/ml-100k/u.user"
 BEAUTY, ATTRS = "data/amazon-beauty/Beauty.txt.gz", "data/amazon-beauty/Beauty_item2attributes.json"
 TEXT = "data/text/tinyshakespeare.txt"
-TABLE, LOG, ITEMS = "own/table.csv", "own/log.tsv", "own/items.csv"
+TABLE, LOG, ITEMS, USERS = "own/table.csv", "own/log.tsv", "own/items.csv", "own/users.csv"
 
 MTL = "train mtl --data-dir {data}/census-income --no-progress --out run train.epochs=1"
 SEQREC_ML = "train seqrec --dataset ml-100k --data-dir {data}/ml-100k --core 0 --no-progress --out run --epochs 1"
@@ -99,6 +99,8 @@ LM = ("train lm --data-dir {data}/text/tinyshakespeare.txt --no-progress --out r
 OWN_MTL = "train mtl --data {own}/table.csv --tasks click,purchase --no-progress --out run train.epochs=1"
 OWN_SEQREC = ("train seqrec --data {own}/log.tsv --user-column uid --item-column sku --time-column when "
               "--no-progress --out run --epochs 1")
+OWN_TWO_TOWER = ("train two-tower --data {own}/log.tsv --user-column uid --item-column sku --time-column when "
+                 "--users {own}/users.csv --no-progress --out run --epochs 1 --ks 1,3")
 
 DATA_CASES = [
     # Census-Income (latin-1 text: every byte is a character, so there is no undecodable case)
@@ -178,6 +180,9 @@ DATA_CASES = [
          text_edit(LOG, line_edit(3, lambda line: "\t".join(line.split("\t")[:2] + ["soon"] + line.split("\t")[3:])))),
     Case("log: empty", OWN_SEQREC, f"{LOG} is empty", replace_file(LOG, b"")),
     Case("log: items file malformed", OWN_SEQREC + " --items {own}/items.csv --title-column name", "no column 'name'"),
+    Case("users: a user twice", OWN_TWO_TOWER, f"{USERS}, line 32: user 'u3' appears twice",
+         text_edit(USERS, lambda text: text + "u3,free\n")),
+    Case("users: missing column", OWN_TWO_TOWER + " --user-feature-columns plan,tier", "no column 'tier'"),
 ]
 
 FLAG_CASES = [

@@ -1,6 +1,7 @@
 """Your own data end to end: a generated table trains a multi-task ranker (CLI and Python API), scores
 new rows with `predict`, and every bad input is one line; a generated interaction log trains SASRec
-and a two-tower, and recommend / retrieve print the titles it came with."""
+and a two-tower (with a users file), and recommend / retrieve print the titles it came with; a rated log
+with the same users file feeds the DQN's simulator."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import moekit
 from moekit.cli import main
 from moekit.models.multitask import MultiTaskOptions
+from moekit.train import dqn
 from moekit.train.metrics import roc_auc
 from moekit.train.mtl import MTLConfig, MTLDataConfig, MTLTrainSettings, fit, load_data
 
@@ -141,6 +143,9 @@ def write_log(folder):
     items = pd.DataFrame({"sku": [f"S{i:02d}" for i in range(12)], "title": [f"Thing number {i}" for i in range(12)],
                           "tags": ["red|round" if i % 2 else "blue" for i in range(12)]})
     items.to_csv(folder / "items.csv", index=False)
+    # users u0..u29 only (the others are unknown); plan: free for even users, pro for odd ones
+    pd.DataFrame({"uid": [f"u{u}" for u in range(30)], "plan": ["pro" if u % 2 else "free" for u in range(30)]}
+                 ).to_csv(folder / "users.csv", index=False)
 
 
 def test_an_interaction_log_trains_sasrec_and_two_tower_and_prints_its_titles(tmp_path, capsys):
@@ -153,11 +158,29 @@ def test_an_interaction_log_trains_sasrec_and_two_tower_and_prints_its_titles(tm
     printed = capsys.readouterr().out
     assert printed.count("Thing number") == 3 + 5 and ("[red, round]" in printed or "[blue]" in printed)
     assert main(["train", "two-tower", *log, "--out", str(tmp_path / "tt"), "--epochs", "1", "--dim", "8",
-                 "--history-len", "4", "--ks", "1,3"]) == 0
+                 "--history-len", "4", "--ks", "1,3", "--users", str(tmp_path / "users.csv")]) == 0
+    tower = moekit.load(tmp_path / "tt").model
+    # users sorted as text: u0, u1, u10, ..., u39; plan codes: 0 unknown, 1 free, 2 pro
+    users = sorted(f"u{u}" for u in range(40))
+    expected = [[0 if int(u[1:]) >= 30 else 1 + int(u[1:]) % 2] for u in users]
+    assert tower.config.user_feature_sizes == (3,) and tower.user_features.tolist() == expected
     assert main(["retrieve", "--ckpt", str(tmp_path / "tt"), "--user", "u3", "-k", "2"]) == 0
     assert capsys.readouterr().out.count("Thing number") == 2
     assert main(["eval", "seqrec", "--ckpt", str(tmp_path / "sasrec")]) == 0
     assert capsys.readouterr().out.count("= reported") == 9
+    assert main(["eval", "two-tower", "--ckpt", str(tmp_path / "tt")]) == 0
+
+
+def test_a_rated_log_with_user_features_feeds_the_dqn_simulator(tmp_path):
+    write_log(tmp_path)
+    assert main(["train", "dqn", "--data", str(tmp_path / "log.tsv"), "--user-column", "uid", "--item-column", "sku",
+                 "--time-column", "when", "--rating-column", "stars", "--users", str(tmp_path / "users.csv"),
+                 "--out", str(tmp_path / "dqn"), "--steps", "100", "data.simulator.episode_length=3",
+                 "data.simulator.state_len=3", "--eps-decay-steps", "50", "--no-progress", "--oracle-depth", "1"]) == 0
+    loaded = moekit.load(tmp_path / "dqn")
+    data = dqn.load_data(loaded.config.data)
+    users = sorted(f"u{u}" for u in range(40))
+    assert data.user_features[:, 0].tolist() == [0 if int(u[1:]) >= 30 else 1 + int(u[1:]) % 2 for u in users]
 
 
 def test_bad_logs_are_one_line_errors(tmp_path, capsys):

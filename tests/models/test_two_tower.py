@@ -66,7 +66,7 @@ def test_duplicate_positive_is_not_a_negative_and_extra_negatives_count():
 def _model(**kw) -> TwoTower:
     torch.manual_seed(0)
     return TwoTower(TwoTowerConfig(num_users=5, num_items=9, num_genres=4, num_year_buckets=3,
-                                   num_age_groups=2, num_occupations=3, dim=8, hidden=16, ffn_hidden=16,
+                                   user_feature_sizes=(2, 2, 3), dim=8, hidden=16, ffn_hidden=16,
                                    history_len=4, **kw))
 
 
@@ -105,12 +105,27 @@ def test_bad_config_and_side_features_are_rejected():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         TwoTowerConfig(num_users=1, num_items=1, temperature=0)
     m = _model()
+    features = torch.tensor([[0, 1, 2], [1, 1, 0], [0, 0, 1], [1, 0, 2], [0, 1, 0]])
     ok = dict(item_genres_IG=torch.zeros(9, 4), item_year_I=torch.zeros(9, dtype=torch.long),
-              user_gender_U=torch.zeros(5, dtype=torch.long), user_age_U=torch.ones(5, dtype=torch.long),
-              user_occupation_U=torch.full((5,), 2))
+              user_features_UF=features)
     m.set_side_features(**ok)
-    assert m.user_age.tolist() == [1] * 5
+    assert m.user_features.tolist() == features.tolist()
     with pytest.raises(ValueError, match=r"item_genres must have shape \(9, 4\)"):
         m.set_side_features(**{**ok, "item_genres_IG": torch.zeros(8, 4)})
-    with pytest.raises(ValueError, match=r"user_occupation values must lie in \[0, 3\)"):
-        m.set_side_features(**{**ok, "user_occupation_U": torch.full((5,), 3)})
+    with pytest.raises(ValueError, match=r"user_features must have shape \(5, 3\)"):
+        m.set_side_features(**{**ok, "user_features_UF": features[:, :2]})
+    with pytest.raises(ValueError, match=r"user feature 2 values must lie in \[0, 3\)"):
+        m.set_side_features(**{**ok, "user_features_UF": features + torch.tensor([0, 0, 1])})
+    with pytest.raises(ValueError, match="user_feature_sizes must list at least one feature"):
+        TwoTowerConfig(num_users=1, num_items=1, user_feature_sizes=())
+
+
+def test_user_profile_is_the_sum_of_its_feature_embeddings():
+    m = _model(dropout=0.0).eval()
+    m.set_side_features(torch.zeros(9, 4), torch.zeros(9, dtype=torch.long),
+                        torch.tensor([[0, 1, 2], [1, 1, 0], [0, 0, 1], [1, 0, 2], [0, 1, 0]]))
+    seen = {}
+    m.user_tower.register_forward_hook(lambda mod, inp, out: seen.setdefault("x", inp[0]))
+    m.user_forward(torch.tensor([3]), torch.tensor([[1, 9, 9, 9]]))
+    e = m.user_feature_emb
+    torch.testing.assert_close(seen["x"][0, :8], e[0].weight[1] + e[1].weight[0] + e[2].weight[2])
