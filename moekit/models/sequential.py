@@ -130,6 +130,15 @@ class Block(nn.Module):
         return x_BTD + self.drop(self.ffn(self.ln2(x_BTD)))
 
 
+def _slice_start(items: slice | None) -> int:
+    """First item id of a contiguous range of item ids (None: all items)."""
+    if items is None:
+        return 0
+    if items.step not in (None, 1) or (items.start or 0) < 0 or (items.stop is not None and items.stop < 0):
+        raise ValueError(f"items must be a contiguous slice(lo, hi) of item ids (got {items})")
+    return items.start or 0
+
+
 class SASRec(Pretrained, nn.Module):
     """SASRec (Kang & McAuley 2018): item + position embeddings -> causal self-attention blocks -> a
     hidden state per position, scored against the item table (shared input/output embeddings).
@@ -191,11 +200,15 @@ class SASRec(Pretrained, nn.Module):
             x_BTD = block(x_BTD, mask_B1TT)
         return self.ln_f(x_BTD)
 
-    def logits(self, h_PD: Tensor, items: Tensor | None = None) -> Tensor:
-        """Scores of all items (P, I+1) (padding column is -inf), or of `items` (P, C) per row."""
-        if items is None:
-            logits_PI = h_PD @ self.item_emb.weight.T
-            logits_PI[:, 0] = float("-inf")
+    def logits(self, h_PD: Tensor, items: Tensor | slice | None = None) -> Tensor:
+        """Scores of all items (P, I+1) (padding column is -inf), of the item ids in `slice(lo, hi)`
+        (P, hi - lo: those columns of all items' scores, up to rounding; chunked full ranking), or of
+        `items` (P, C) per row."""
+        if items is None or isinstance(items, slice):
+            lo = _slice_start(items)
+            logits_PI = h_PD @ self.item_emb.weight[items if items is not None else slice(None)].T
+            if lo == 0:
+                logits_PI[:, 0] = float("-inf")
             return logits_PI
         return (h_PD.unsqueeze(1) * self.item_emb(items)).sum(-1)
 
@@ -319,16 +332,20 @@ class FAME(SASRec):
         """(P, H) weights of the heads, from all heads' outputs (float32 softmax: sums to one)."""
         return self.gate(h_PD).float().softmax(-1).to(h_PD.dtype)
 
-    def heads(self, h_PD: Tensor, items: Tensor | None = None) -> FAMEOutput:
-        """Each head's scores of all items (P, H, I+1), or of `items` (P, H, C), and the head gate."""
+    def heads(self, h_PD: Tensor, items: Tensor | slice | None = None) -> FAMEOutput:
+        """Each head's scores of all items (P, H, I+1), of the ids in `slice(lo, hi)` (P, H, hi - lo), or
+        of `items` (P, H, C), and the head gate."""
         P, D = h_PD.shape
         H = self.config.num_heads
         h_PHK = h_PD.view(P, H, D // H)
         gate_PH = self.head_gate(h_PD)
-        if items is None:
-            sub_HIK = torch.einsum("id,hdk->hik", self.item_emb.weight, self.item_proj_HDK)
+        if items is None or isinstance(items, slice):
+            lo = _slice_start(items)
+            weight_ID = self.item_emb.weight[items if items is not None else slice(None)]
+            sub_HIK = torch.einsum("id,hdk->hik", weight_ID, self.item_proj_HDK)
             head_PHI = torch.einsum("phk,hik->phi", h_PHK, sub_HIK)
-            head_PHI[..., 0] = float("-inf")
+            if lo == 0:
+                head_PHI[..., 0] = float("-inf")
         else:
             sub_PCHK = torch.einsum("pcd,hdk->pchk", self.item_emb(items), self.item_proj_HDK)
             head_PHI = torch.einsum("phk,pchk->phc", h_PHK, sub_PCHK)
@@ -347,7 +364,7 @@ class FAME(SASRec):
         out = self.heads(h_PD, items)
         if self.config.head_mixing == "logits":
             return (self.score_weights(out.gate_PH).unsqueeze(-1) * out.head_logits_PHI).sum(1)
-        if items is not None:
+        if items is not None:  # a slice too: the softmax needs every item
             raise ValueError("FAME with head_mixing='probability' scores against the full item set only; "
                              "use head_mixing='logits' for sampled negatives (loss='bce')")
         # Leave the padding column out of the softmax: a logsumexp over all -inf has a NaN gradient.

@@ -52,7 +52,13 @@ from moekit.train.loop import (
     seed_everything,
     set_threads,
 )
-from moekit.train.metrics import mask_history, ranking_metrics, sampled_target_ranks, target_ranks
+from moekit.train.metrics import (
+    chunked_target_ranks,
+    mask_history,
+    ranking_metrics,
+    sampled_target_ranks,
+    target_ranks,
+)
 from moekit.train.parallel import DataParallel
 from moekit.train.results import Stopwatch, TrainResult
 from moekit.train.run import Run
@@ -305,16 +311,27 @@ def sample_negatives(histories: list[list[int]], targets: np.ndarray, num_items:
 
 @torch.no_grad()
 def evaluate(model: SASRec, histories: list[list[int]], targets: np.ndarray, *, protocol: str = "full",
-             negatives: np.ndarray | None = None, batch_size: int = 1024, ks=KS) -> tuple[dict, torch.Tensor]:
-    """Metrics and per-user 0-based target ranks. Full protocol: all items, history masked."""
+             negatives: np.ndarray | None = None, batch_size: int = 1024, ks=KS,
+             item_chunk: int = 8192) -> tuple[dict, torch.Tensor]:
+    """Metrics and per-user 0-based target ranks. Full protocol: all items, history masked; a SASRec
+    or FAME ('logits' mixing) is scored `item_chunk` items at a time (`chunked_target_ranks`: memory
+    (batch_size x item_chunk), flat in the catalogue size, the same ranks as the whole score matrix)."""
     model.eval()
     max_len, device = model.config.max_len, next((p.device for p in model.parameters()), torch.device("cpu"))
+    chunked = protocol == "full" and isinstance(model, SASRec) and \
+        getattr(model.config, "head_mixing", "logits") == "logits"
     ranks = []
     for lo in range(0, len(histories), batch_size):
         hist = histories[lo:lo + batch_size]
         items_BT = torch.from_numpy(pad_left(hist, max_len))
         items_BT = items_BT[:, _trim(items_BT):]
         target_B = torch.from_numpy(targets[lo:lo + batch_size])
+        if chunked:
+            h_BD = model(items_BT.to(device))[:, -1]
+            approx_B = model.logits(h_BD, target_B.view(-1, 1).to(device)).squeeze(1).cpu()
+            ranks.append(chunked_target_ranks(lambda a, b: model.logits(h_BD, slice(a, b)),  # noqa: B023
+                                              model.config.num_items + 1, target_B, approx_B, hist, item_chunk))
+            continue
         scores_BI = model.scores(items_BT.to(device)).float().cpu()
         if protocol == "full":
             ranks.append(target_ranks(mask_history(scores_BI, hist, target_B), target_B))
