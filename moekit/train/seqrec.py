@@ -177,6 +177,10 @@ class SeqRecTrainSettings(TrainSettings):
     """Users per batch when ranking."""
     valid_users: int | None = None
     """Read early stopping's validation metrics on this many users (a fixed random subset; None: all)."""
+    loss_chunk: int | None = None
+    """loss='ce' with SASRec: score this many positions at a time (the logits computed again in the
+    backward pass), so a step holds (loss_chunk x items) floats instead of ~3 x (positions x items): on
+    Beauty 12,800 x 12,101 in the longest batches, ~1.9 GB. Equal up to rounding; None: all at once."""
 
     RUNTIME_KEYS: ClassVar[tuple[str, ...]] = TrainSettings.RUNTIME_KEYS + ("eval_batch_size",)
 
@@ -190,9 +194,15 @@ class SeqRecTrainSettings(TrainSettings):
             check_number("train.lr_decay", self.lr_decay, 0.0, 1.0, strict_min=True, strict_max=True)
         if self.valid_users is not None:
             check_int("train.valid_users", self.valid_users, 1)
+        if self.loss_chunk is not None:
+            check_int("train.loss_chunk", self.loss_chunk, 1)
+            if self.loss != "ce":
+                raise ConfigError("train.loss_chunk chunks the full-softmax loss: it needs train.loss='ce'")
 
 
 def _check_sections(config) -> None:
+    if config.train.loss_chunk is not None and config.model.architecture != "sasrec":
+        raise ConfigError("train.loss_chunk is for SASRec (FAME scores all its heads' items at once)")
     if config.model.head_mixing == "probability" and config.train.loss == "bce" and \
             config.model.architecture == "fame":
         raise ConfigError("model.head_mixing='probability' needs train.loss='ce' (sampled negatives have no "
@@ -238,20 +248,23 @@ def _trim(items_BT: torch.Tensor) -> int:
 
 
 def train_loss(model: SASRec, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, loss: str,
-               negatives_BT: torch.Tensor | None, targets_per_batch: float) -> torch.Tensor:
+               negatives_BT: torch.Tensor | None, targets_per_batch: float,
+               loss_chunk: int | None = None) -> torch.Tensor:
     """One batch's next-item loss: the sum over its targets divided by `targets_per_batch` (the
     epoch's mean number of targets per batch), so every target weighs the same. A plain batch mean
     would not: length-bucketed batches of 3-item sequences hold ~17x fewer targets than batches of
     50-item windows, and each of their targets would weigh ~17x more (a per-user, not a per-target,
     objective; on Beauty it cost SASRec ~0.012 test HR@10, docs/results/seqrec_variants.md).
-    `negatives_BT` (loss 'bce'): one sampled negative per position (`sample_unseen_negatives`)."""
+    `negatives_BT` (loss 'bce'): one sampled negative per position (`sample_unseen_negatives`);
+    `loss_chunk` (loss 'ce'): positions scored at a time (`SeqRecTrainSettings.loss_chunk`)."""
     start = _trim(inputs_BT)
     inputs_BT, targets_BT = inputs_BT[:, start:], targets_BT[:, start:]
     h_BTD = model(inputs_BT)
     keep_BT = targets_BT != 0
     h_PD, target_P = h_BTD[keep_BT], targets_BT[keep_BT]  # only real positions are scored
     if loss == "ce":
-        mean = model.next_item_loss(h_PD, target_P)
+        mean = model.next_item_loss(h_PD, target_P) if loss_chunk is None else \
+            model.next_item_loss(h_PD, target_P, chunk=loss_chunk)
     else:
         negative_P = negatives_BT[:, start:][keep_BT]
         scores_P2 = model.logits(h_PD, torch.stack([target_P, negative_P], 1))
@@ -264,13 +277,14 @@ def train_loss(model: SASRec, inputs_BT: torch.Tensor, targets_BT: torch.Tensor,
 class NextItemObjective(nn.Module):
     """`train_loss` as a module, so data parallelism (DDP) wraps the model with its loss."""
 
-    def __init__(self, model: SASRec, loss: str, targets_per_batch: float) -> None:
+    def __init__(self, model: SASRec, loss: str, targets_per_batch: float, loss_chunk: int | None = None) -> None:
         super().__init__()
-        self.model, self.loss, self.targets_per_batch = model, loss, targets_per_batch
+        self.model, self.loss, self.targets_per_batch, self.loss_chunk = model, loss, targets_per_batch, loss_chunk
 
     def forward(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor,
                 negatives_BT: torch.Tensor | None = None) -> torch.Tensor:
-        return train_loss(self.model, inputs_BT, targets_BT, self.loss, negatives_BT, self.targets_per_batch)
+        return train_loss(self.model, inputs_BT, targets_BT, self.loss, negatives_BT, self.targets_per_batch,
+                          self.loss_chunk)
 
 
 def sample_unseen_negatives(inputs_BT: torch.Tensor, targets_BT: torch.Tensor, num_items: int,
@@ -391,7 +405,7 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
     num_targets = int((targets_WT != 0).sum())
     targets_per_batch = num_targets / math.ceil(len(inputs_WT) / settings.batch_size)
     model = model_factory(options.architecture, options.model_config(data.num_items)).to(device)
-    trained = parallel.wrap(NextItemObjective(model, settings.loss, targets_per_batch))
+    trained = parallel.wrap(NextItemObjective(model, settings.loss, targets_per_batch, settings.loss_chunk))
     optimizer = build_optimizer(model, settings, kind="adam")
     scheduler = None
     if settings.lr_decay is not None:

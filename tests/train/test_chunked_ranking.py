@@ -166,3 +166,54 @@ def test_two_tower_chunked_evaluation():
     whole = evaluate_scores(two_tower_scores(model, data), data, ks)
     for chunk in (1, 7, 1000):
         assert evaluate_model(model, data, ks, batch_size=8, item_chunk=chunk) == whole
+
+
+# ----------------------------------------------------------------------------- the chunked training loss
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 100])
+def test_chunked_cross_entropy_equals_the_plain_loss_and_its_gradients(chunk):
+    from moekit.models.sequential import chunked_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(21, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 21, (13,), generator=g)
+    plain = torch.nn.functional.cross_entropy(h @ w.T, target)
+    grads = torch.autograd.grad(plain, (h, w))
+    chunked = chunked_cross_entropy(h, w, target, chunk)
+    torch.testing.assert_close(chunked, plain)
+    for a, b in zip(torch.autograd.grad(chunked, (h, w)), grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda h_, w_: chunked_cross_entropy(h_, w_, target, chunk), (h, w))
+    with pytest.raises(ValueError, match="chunk"):
+        chunked_cross_entropy(h, w, target, 0)
+
+
+def test_sasrec_training_with_a_chunked_loss_matches_the_plain_one():
+    """One training loss and its gradient on a SASRec: `loss_chunk` changes memory, not the objective."""
+    from moekit.train.seqrec import train_loss
+
+    model = _model("sasrec")
+    model.train()
+    torch.manual_seed(1)
+    inputs = torch.randint(0, 41, (6, 6))
+    targets = torch.randint(1, 41, (6, 6))
+    plain = train_loss(model, inputs, targets, "ce", None, 20.0)
+    grad_plain = torch.autograd.grad(plain, model.item_emb.weight)[0]
+    chunked = train_loss(model, inputs, targets, "ce", None, 20.0, loss_chunk=5)
+    grad_chunked = torch.autograd.grad(chunked, model.item_emb.weight)[0]
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(grad_chunked, grad_plain)
+
+
+def test_loss_chunk_is_for_sasrec_with_cross_entropy():
+    from moekit.config import ConfigError, build_dataclass
+    from moekit.train.seqrec import SeqRecConfig
+
+    with pytest.raises(ConfigError, match="loss_chunk"):
+        build_dataclass(SeqRecConfig, {"model": {"architecture": "fame"}, "train": {"loss_chunk": 64}})
+    with pytest.raises(ConfigError, match="loss_chunk"):
+        build_dataclass(SeqRecConfig, {"train": {"loss": "bce", "loss_chunk": 64}})
+    with pytest.raises(ValueError, match="chunked loss"):
+        _model("fame").next_item_loss(torch.randn(3, 16), torch.tensor([1, 2, 3]), chunk=2)
