@@ -10,7 +10,8 @@ SASRec (Amazon Beauty, leave-one-out): RecBole 1.2.1 and moekit train SASRec of 
 2 layers, max length 50) with the same loss (full-softmax cross-entropy over all items) on the same split
 (each user's last item is the test target, the one before it the validation target; full ranking of all
 items, the user's history masked). Each library keeps its own defaults otherwise (RecBole: 2 heads, dropout
-0.5, lr 1e-3; moekit: 4 heads, dropout 0.3, lr 3e-3) with batch 256 for both; both validate every epoch on
+0.5, lr 1e-3; moekit: 4 heads, dropout 0.3, lr 3e-3, and `train.loss_chunk=2048`, the loss scored 2,048
+positions at a time, for memory; one seed also without it) with batch 256 for both; both validate every epoch on
 all users and stop after `--patience` epochs without a better validation NDCG@10. RecBole trains on every
 prefix of every training sequence as its own sample (one target each); moekit cuts each training sequence
 into windows of at most 51 items in which every position predicts the next (every item a target once), so
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "docs" / "results"
 SIZES = dict(hidden=64, num_layers=2, max_len=50)
 BATCH = 256
+LOSS_CHUNK = 2048  # moekit's train.loss_chunk: the CE loss 2,048 positions at a time (memory)
 QUICK_USERS = 300
 
 
@@ -196,7 +198,8 @@ def moekit_worker(args) -> dict:
     config = seqrec.SeqRecConfig(
         model=seqrec.SeqRecModelOptions(architecture="sasrec", **SIZES),
         train=seqrec.SeqRecTrainSettings(seed=args.seed, batch_size=BATCH, loss="ce", epochs=args.epochs,
-                                         patience=args.patience, threads=args.threads, progress=False))
+                                         patience=args.patience, threads=args.threads, progress=False,
+                                         loss_chunk=args.loss_chunk or None))
     calls = []
     evaluate = seqrec.evaluate
 
@@ -218,7 +221,8 @@ def moekit_worker(args) -> dict:
                       "wall_s": t1 - start, "loss": float(row["loss"]), "valid NDCG@10": valid["NDCG@10"],
                       "valid HR@10": valid["HR@10"]})
     epochs_run = len(result.history)
-    return {"library": "moekit", "seed": args.seed, "curve": curve,
+    library = f"moekit (train.loss_chunk={args.loss_chunk})" if args.loss_chunk else "moekit (defaults)"
+    return {"library": library, "seed": args.seed, "curve": curve,
             "stopped": "early stopping" if epochs_run < args.epochs else f"epoch cap ({args.epochs})",
             "best_epoch": result.best_epoch, "test_eval_s": calls[-1][1] - calls[-1][0],
             "test": {"HR@10": result.test["HR@10"], "NDCG@10": result.test["NDCG@10"]},
@@ -425,7 +429,9 @@ def jobs(args) -> list[tuple[str, list[str]]]:
                                            "--budget-s", str(args.recbole_budget_s)])
                for seed in seeds[:args.recbole_seeds]]
     moekit = [(f"moekit-sasrec-{seed}", ["--worker", "moekit-sasrec", "--seed", str(seed)]) for seed in seeds]
-    return out + moekit[:1] + recbole + moekit[1:]  # the first pair early: the comparison if time runs out
+    plain = [(f"plain-moekit-sasrec-{seeds[0]}", ["--worker", "moekit-sasrec", "--seed", str(seeds[0]),
+                                                  "--loss-chunk", "0"])]
+    return out + moekit[:1] + recbole + moekit[1:] + plain  # the first pair early: the comparison if time runs out
 
 
 def run_jobs(args, runs_dir: Path) -> None:
@@ -491,7 +497,7 @@ def report(args, runs_dir: Path, out_dir: Path) -> str:
     by = lambda prefix: [runs[k] for k in sorted(runs) if k.startswith(prefix)]  # noqa: E731
     if "recbole-split" in runs:
         runs["recbole-split"]["library"] = "RecBole 1.2.1"
-    moekit, recbole = by("moekit-sasrec-"), by("recbole-sasrec-")
+    moekit, recbole, plain = by("moekit-sasrec-"), by("recbole-sasrec-"), by("plain-moekit-sasrec-")
     tt_moekit, tt_rechub = by("moekit-two-tower-"), by("rechub-two-tower-")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
@@ -516,7 +522,7 @@ def report(args, runs_dir: Path, out_dir: Path) -> str:
     lines.append("")
 
     if moekit or recbole:
-        both = [x for x in (moekit, recbole) if x]
+        both = [x for x in (moekit, plain, recbole) if x]
         lines += ["## SASRec on Amazon Beauty: moekit vs RecBole 1.2.1", "",
                   "Same split, checked: what each library saw (RecBole's counts read back from its dataset and "
                   "dataloaders):", "",
@@ -642,6 +648,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--items", type=int, default=1_000_000, help=argparse.SUPPRESS)
+    parser.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK, help=argparse.SUPPRESS)
     parser.add_argument("--path", choices=["chunked", "whole"], default="chunked", help=argparse.SUPPRESS)
     parser.add_argument("--recbole-seeds", type=int, default=1, help="RecBole runs take hours: how many seeds")
     parser.add_argument("--recbole-budget-s", type=float, default=2400.0,
