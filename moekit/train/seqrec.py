@@ -177,6 +177,10 @@ class SeqRecTrainSettings(TrainSettings):
     """Users per batch when ranking."""
     valid_users: int | None = None
     """Read early stopping's validation metrics on this many users (a fixed random subset; None: all)."""
+    eval_by_length: bool = False
+    """Rank users in batches of similar history length (each batch cut to its longest history): on Beauty
+    ~3x faster evaluation; scores then differ in the last bits, so a recorded run with it off would not
+    come out to the last digit. False: users in their order."""
     loss_chunk: int | None = None
     """loss='ce' with SASRec: score this many positions at a time (the logits computed again in the
     backward pass), so a step holds (loss_chunk x items) floats instead of ~3 x (positions x items): on
@@ -326,20 +330,25 @@ def sample_negatives(histories: list[list[int]], targets: np.ndarray, num_items:
 @torch.no_grad()
 def evaluate(model: SASRec, histories: list[list[int]], targets: np.ndarray, *, protocol: str = "full",
              negatives: np.ndarray | None = None, batch_size: int = 1024, ks=KS,
-             item_chunk: int = 8192) -> tuple[dict, torch.Tensor]:
+             item_chunk: int = 8192, by_length: bool = False) -> tuple[dict, torch.Tensor]:
     """Metrics and per-user 0-based target ranks. Full protocol: all items, history masked; a SASRec
     or FAME ('logits' mixing) is scored `item_chunk` items at a time (`chunked_target_ranks`: memory
-    (batch_size x item_chunk), flat in the catalogue size, the same ranks as the whole score matrix)."""
+    (batch_size x item_chunk), flat in the catalogue size, the same ranks as the whole score matrix).
+    `by_length`: batch users of similar history length (each batch is cut to its longest history, so
+    short histories cost little); the ranks come back in the users' order."""
     model.eval()
     max_len, device = model.config.max_len, next((p.device for p in model.parameters()), torch.device("cpu"))
     chunked = protocol == "full" and isinstance(model, SASRec) and \
         getattr(model.config, "head_mixing", "logits") == "logits"
+    order = np.argsort([min(len(h), max_len) for h in histories], kind="stable") if by_length else \
+        np.arange(len(histories))
     ranks = []
     for lo in range(0, len(histories), batch_size):
-        hist = histories[lo:lo + batch_size]
+        rows = order[lo:lo + batch_size]
+        hist = [histories[u] for u in rows]
         items_BT = torch.from_numpy(pad_left(hist, max_len))
         items_BT = items_BT[:, _trim(items_BT):]
-        target_B = torch.from_numpy(targets[lo:lo + batch_size])
+        target_B = torch.from_numpy(np.asarray(targets)[rows])
         if chunked:
             h_BD = model(items_BT.to(device))[:, -1]
             approx_B = model.logits(h_BD, target_B.view(-1, 1).to(device)).squeeze(1).cpu()
@@ -350,9 +359,10 @@ def evaluate(model: SASRec, histories: list[list[int]], targets: np.ndarray, *, 
         if protocol == "full":
             ranks.append(target_ranks(mask_history(scores_BI, hist, target_B), target_B))
         else:
-            negatives_BC = torch.from_numpy(negatives[lo:lo + batch_size])
+            negatives_BC = torch.from_numpy(negatives[rows])
             ranks.append(sampled_target_ranks(scores_BI, target_B, negatives_BC))
-    ranks_U = torch.cat(ranks)
+    ranks_U = torch.empty(len(histories), dtype=torch.long)
+    ranks_U[torch.from_numpy(order)] = torch.cat(ranks).long() if ranks else ranks_U
     return ranking_metrics(ranks_U, ks), ranks_U
 
 
@@ -420,7 +430,8 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
         n, items = settings.num_negatives, data.num_items
         valid_neg = sample_negatives(split.valid_history, split.valid_target, items, n, rng)
         test_neg = sample_negatives(split.test_history, split.test_target, items, n, rng)
-    eval_kw = dict(protocol=settings.eval_protocol, batch_size=settings.eval_batch_size)
+    eval_kw = dict(protocol=settings.eval_protocol, batch_size=settings.eval_batch_size,
+                   by_length=settings.eval_by_length)
     stopper = EarlyStopping("validation NDCG@10", settings.patience)
     state_rng = RNGState(generator, rng)
 
@@ -572,7 +583,7 @@ def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = 
         test_neg = sample_negatives(split.test_history, split.test_target, data.num_items, settings.num_negatives,
                                     rng)
     test, _ = evaluate(loaded.model, split.test_history, split.test_target, protocol=settings.eval_protocol,
-                       negatives=test_neg, batch_size=settings.eval_batch_size)
+                       negatives=test_neg, batch_size=settings.eval_batch_size, by_length=settings.eval_by_length)
     return test
 
 

@@ -217,3 +217,17 @@ def test_loss_chunk_is_for_sasrec_with_cross_entropy():
         build_dataclass(SeqRecConfig, {"train": {"loss": "bce", "loss_chunk": 64}})
     with pytest.raises(ValueError, match="chunked loss"):
         _model("fame").next_item_loss(torch.randn(3, 16), torch.tensor([1, 2, 3]), chunk=2)
+
+
+@pytest.mark.parametrize("protocol", ["full", "sampled"])
+def test_evaluating_users_by_history_length_keeps_their_ranks_and_order(protocol):
+    model = _model("sasrec")
+    rng = np.random.default_rng(3)
+    histories = [rng.integers(1, 41, size=n).tolist() for n in rng.integers(1, 9, size=17)]
+    targets = rng.integers(1, 41, size=17)
+    negatives = rng.integers(1, 41, size=(17, 5))
+    kw = dict(protocol=protocol, negatives=negatives, batch_size=4)
+    metrics, ranks = evaluate(model, histories, targets, **kw)
+    by_length, ranks_by_length = evaluate(model, histories, targets, by_length=True, **kw)
+    assert ranks_by_length.tolist() == ranks.tolist()
+    assert by_length == metrics
