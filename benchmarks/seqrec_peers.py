@@ -10,8 +10,9 @@ SASRec (Amazon Beauty, leave-one-out): RecBole 1.2.1 and moekit train SASRec of 
 2 layers, max length 50) with the same loss (full-softmax cross-entropy over all items) on the same split
 (each user's last item is the test target, the one before it the validation target; full ranking of all
 items, the user's history masked). Each library keeps its own defaults otherwise (RecBole: 2 heads, dropout
-0.5, lr 1e-3; moekit: 4 heads, dropout 0.3, lr 3e-3, and `train.loss_chunk=2048`, the loss scored 2,048
-positions at a time, for memory; one seed also without it) with batch 256 for both; both validate every epoch on
+0.5, lr 1e-3; moekit: 4 heads, dropout 0.3, lr 3e-3, `train.loss_chunk=2048` (the loss scored 2,048 positions
+at a time, for memory) and `train.eval_by_length` (users ranked in batches of similar history length, for
+speed), both off by default; one seed also with the defaults) with batch 256 for both; both validate every epoch on
 all users and stop after `--patience` epochs without a better validation NDCG@10. RecBole trains on every
 prefix of every training sequence as its own sample (one target each); moekit cuts each training sequence
 into windows of at most 51 items in which every position predicts the next (every item a target once), so
@@ -49,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "docs" / "results"
 SIZES = dict(hidden=64, num_layers=2, max_len=50)
 BATCH = 256
-LOSS_CHUNK = 2048  # moekit's train.loss_chunk: the CE loss 2,048 positions at a time (memory)
+LOSS_CHUNK = 2048  # moekit's train.loss_chunk (memory), with train.eval_by_length (speed); 0: moekit's defaults
 QUICK_USERS = 300
 
 
@@ -199,7 +200,7 @@ def moekit_worker(args) -> dict:
         model=seqrec.SeqRecModelOptions(architecture="sasrec", **SIZES),
         train=seqrec.SeqRecTrainSettings(seed=args.seed, batch_size=BATCH, loss="ce", epochs=args.epochs,
                                          patience=args.patience, threads=args.threads, progress=False,
-                                         loss_chunk=args.loss_chunk or None))
+                                         loss_chunk=args.loss_chunk or None, eval_by_length=bool(args.loss_chunk)))
     calls = []
     evaluate = seqrec.evaluate
 
@@ -221,7 +222,7 @@ def moekit_worker(args) -> dict:
                       "wall_s": t1 - start, "loss": float(row["loss"]), "valid NDCG@10": valid["NDCG@10"],
                       "valid HR@10": valid["HR@10"]})
     epochs_run = len(result.history)
-    library = f"moekit (train.loss_chunk={args.loss_chunk})" if args.loss_chunk else "moekit (defaults)"
+    library = f"moekit (loss_chunk={args.loss_chunk}, eval_by_length)" if args.loss_chunk else "moekit (defaults)"
     return {"library": library, "seed": args.seed, "curve": curve,
             "stopped": "early stopping" if epochs_run < args.epochs else f"epoch cap ({args.epochs})",
             "best_epoch": result.best_epoch, "test_eval_s": calls[-1][1] - calls[-1][0],
@@ -630,6 +631,29 @@ def report(args, runs_dir: Path, out_dir: Path) -> str:
                       f" ({hits[0]:.4f} vs {hits[1]:.4f})",
                       f"- at least 3x faster per epoch: {'**met**' if speed >= 3 else '**missed**'} ({speed:.1f}x)"]
         lines.append("")
+    lines += ["## How the peers were installed and run", "",
+              "- Neither competitor goes into moekit's environment (torch 2.13 CPU, numpy 2): "
+              "`pip install --no-deps --target /tmp/peers-bench recbole==1.2.1 torch-rechub==0.9.0 colorlog==4.7.2 "
+              "thop texttable tabulate psutil plotly`, then `PYTHONPATH=.:/tmp/peers-bench`. RecBole 1.2.1 pins "
+              "colorlog 4.7.2 / colorama 0.4.4 and ray <= 2.6.3 (only for its hyper-parameter search, not needed); "
+              "torch-rechub 0.9.0 needs nothing beyond moekit's `train` extra.",
+              "- RecBole shims, in its process only (`recbole_shims`): numpy 2 removed `np.float_`, `np.complex_`, "
+              "`np.unicode_` (RecBole's `Config.compatibility_settings` reads them) and `np.float` / `np.long` (its "
+              "metrics and layers use them): they are set back as aliases; torch >= 2.6 defaults `torch.load` to "
+              "`weights_only=True`, which cannot load RecBole's pickled checkpoints: the old default is restored. "
+              "RecBole's code is not changed or copied. Its pandas 3 warnings (chained assignment in `_fill_nan`) "
+              "are harmless here: Beauty has no missing values.",
+              "- RecBole's data: `beauty.inter` written from the same sequences moekit reads (`user_id`, `item_id`, "
+              "`timestamp` = position in the sequence), `eval_args` leave-one-out (`LS: valid_and_test`, ordered by "
+              "time, full ranking); the counts it reports are in the split table. RecBole's epoch loop is "
+              "driven here (`_train_epoch`, `_valid_epoch`, `evaluate`) to time training and evaluation apart and "
+              "to stop on a wall-clock budget; the best validation state is restored before testing.",
+              "- A RecBole SASRec epoch costs minutes on this CPU (it runs every prefix as a full length-50 "
+              "sequence with unfused attention), so RecBole runs one seed under a wall-clock budget "
+              f"({args.recbole_budget_s / 60:.0f} min, no epoch started that would end past it): it does not reach "
+              "early stopping, and its test numbers are those of its best validation epoch within the budget.",
+              "- torch-rechub: the two-tower epoch time is `MatchTrainer.train_one_epoch` over its `TorchDataset` "
+              "DataLoader; moekit's is `retrieval.fit`'s training loop (evaluation excluded for both).", ""]
     text = "\n".join(lines) + "\n"
     return text
 
