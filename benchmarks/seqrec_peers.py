@@ -505,7 +505,9 @@ def report(args, runs_dir: Path, out_dir: Path) -> str:
     import torch
 
     lines = ["# moekit against its peers: SASRec vs RecBole, two-tower vs torch-rechub", "",
-             f"Produced by `{args.command}` at commit `{commit}` on a shared 2-core CPU ({platform.machine()}, "
+             f"Produced by `{args.command}` at commit `{args.runs_commit or commit}`"
+             + (f" (this report written at `{commit}`)" if args.runs_commit else "")
+             + f" on a shared 2-core CPU ({platform.machine()}, "
              f"torch {torch.__version__}), every run its own process with **{args.threads} torch thread(s)** (2 "
              "threads on this shared machine oversubscribe it: a two-tower epoch took 18 s with 2 and 0.8 s with 1), "
              "one run at a time. Raw per-run records: `docs/results/seqrec_peers/*.json`.", ""]
@@ -686,6 +688,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--rerun", action="store_true", help="run again the runs whose JSON exists")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs' JSON")
+    parser.add_argument("--runs-commit", default=None, help="with --report-only: the commit the runs were made at")
     args = parser.parse_args(argv)
     if args.worker:
         return run_worker(args)
