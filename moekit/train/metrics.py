@@ -148,7 +148,11 @@ def chunked_target_ranks(score_chunk: ScoreChunk, num_items: int, target_N: torc
     low_N1, high_N1 = (approx_N - band_N).unsqueeze(1), (approx_N + band_N).unsqueeze(1)
     exact_N = torch.full((N,), float("nan"))
     above_N = torch.zeros(N, dtype=torch.long)
-    near_rows, near_scores = [], []
+    # Working memory is allocated once and reused: fresh (N, chunk) temporaries per chunk, freed between
+    # small tensors that live on, fragment glibc's heap (1.5 GB more at 1M items in 8,192-item chunks).
+    flags = torch.empty(N * min(chunk_size, num_items), dtype=torch.bool)
+    band = torch.empty_like(flags)
+    near = _Growing()  # (row, score) of the items within the band of their row's approximate target score
 
     def masked(lo: int, hi: int) -> torch.Tensor:
         """Scores of items lo..hi-1 with history items and each row's own target at -inf."""
@@ -166,11 +170,14 @@ def chunked_target_ranks(score_chunk: ScoreChunk, num_items: int, target_N: torc
 
     for lo in range(0, num_items, chunk_size):
         s_NC = masked(lo, min(lo + chunk_size, num_items))
-        above_N += (s_NC > high_N1).sum(1)
-        r, c = ((s_NC >= low_N1) & (s_NC <= high_N1)).nonzero(as_tuple=True)
-        near_rows.append(r)
-        near_scores.append(s_NC[r, c])
-    rows, scores = torch.cat(near_rows), torch.cat(near_scores)
+        above_NC = torch.gt(s_NC, high_N1, out=flags[:s_NC.numel()].view(s_NC.shape))
+        above_N += above_NC.sum(1)
+        near_NC = torch.ge(s_NC, low_N1, out=band[:s_NC.numel()].view(s_NC.shape))
+        near_NC.logical_and_(above_NC.logical_not_())  # low <= s <= high
+        r, c = near_NC.nonzero(as_tuple=True)
+        near.extend(r, s_NC[r, c])
+        del s_NC
+    rows, scores = near.values()
     ranks_N = above_N + torch.bincount(rows[scores >= exact_N[rows]], minlength=N)
     outside = ((exact_N < low_N1.squeeze(1)) | (exact_N > high_N1.squeeze(1))).nonzero().squeeze(1)
     if len(outside):  # the approximation was off by more than the band: count these rows exactly
@@ -179,6 +186,25 @@ def chunked_target_ranks(score_chunk: ScoreChunk, num_items: int, target_N: torc
             s_NC = masked(lo, min(lo + chunk_size, num_items))[outside]
             ranks_N[outside] += (s_NC >= exact_N[outside].unsqueeze(1)).sum(1)
     return ranks_N
+
+
+class _Growing:
+    """(row, score) pairs appended chunk by chunk into buffers that double when full (few allocations)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.rows, self.scores, self.size = torch.empty(capacity, dtype=torch.long), torch.empty(capacity), 0
+
+    def extend(self, rows: torch.Tensor, scores: torch.Tensor) -> None:
+        end = self.size + len(rows)
+        if end > len(self.rows):
+            capacity = max(end, 2 * len(self.rows))
+            self.rows = torch.cat([self.rows[:self.size], torch.empty(capacity - self.size, dtype=torch.long)])
+            self.scores = torch.cat([self.scores[:self.size], torch.empty(capacity - self.size)])
+        self.rows[self.size:end], self.scores[self.size:end] = rows, scores
+        self.size = end
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows[:self.size], self.scores[:self.size]
 
 
 def chunked_top_k(score_chunk: ScoreChunk, num_items: int, k: int,
