@@ -130,6 +130,60 @@ class Block(nn.Module):
         return x_BTD + self.drop(self.ffn(self.ln2(x_BTD)))
 
 
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (h_PD @ w_ID.T) against target_P, `chunk` rows of logits at a time: the
+    forward keeps only each row's log-sum-exp, the backward scores each chunk again (one more matmul)
+    and turns it into softmax - one-hot in place."""
+
+    @staticmethod
+    def forward(ctx, h_PD: Tensor, w_ID: Tensor, target_P: Tensor, chunk: int) -> Tensor:
+        P = h_PD.shape[0]
+        lse_P = torch.empty(P, dtype=h_PD.dtype, device=h_PD.device)
+        total = h_PD.new_zeros(())
+        for lo in range(0, P, chunk):
+            logits_CI = h_PD[lo:lo + chunk] @ w_ID.T
+            lse_P[lo:lo + chunk] = torch.logsumexp(logits_CI, dim=1)
+            total += (lse_P[lo:lo + chunk] - logits_CI.gather(1, target_P[lo:lo + chunk, None]).squeeze(1)).sum()
+        ctx.save_for_backward(h_PD, w_ID, target_P, lse_P)
+        ctx.chunk = chunk
+        return total / P
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h_PD, w_ID, target_P, lse_P = ctx.saved_tensors
+        P, chunk = h_PD.shape[0], ctx.chunk
+        grad_h = torch.empty_like(h_PD) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w_ID) if ctx.needs_input_grad[1] else None
+        for lo in range(0, P, chunk):
+            h_CD, t_C = h_PD[lo:lo + chunk], target_P[lo:lo + chunk]
+            g_CI = (h_CD @ w_ID.T).sub_(lse_P[lo:lo + chunk, None]).exp_()  # softmax
+            g_CI[torch.arange(len(t_C), device=t_C.device), t_C] -= 1.0
+            g_CI.mul_(grad / P)
+            if grad_h is not None:
+                grad_h[lo:lo + chunk] = g_CI @ w_ID
+            if grad_w is not None:
+                grad_w.addmm_(g_CI.T, h_CD)
+        return grad_h, grad_w, None, None
+
+
+def chunked_cross_entropy(h_PD: Tensor, w_ID: Tensor, target_P: Tensor, chunk: int) -> Tensor:
+    """`F.cross_entropy(h_PD @ w_ID.T, target_P)` (the mean, equal up to rounding) without the (P, I)
+    logits: `chunk` rows at a time in the forward and again in the backward, so a training step holds
+    (chunk, I) where the plain loss holds the logits, their log-softmax and its gradient, 3 x (P, I)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 (got {chunk})")
+    return _ChunkedCrossEntropy.apply(h_PD, w_ID, target_P, chunk)
+
+
+def _slice_start(items: slice | None) -> int:
+    """First item id of a contiguous range of item ids (None: all items)."""
+    if items is None:
+        return 0
+    if items.step not in (None, 1) or (items.start or 0) < 0 or (items.stop is not None and items.stop < 0):
+        raise ValueError(f"items must be a contiguous slice(lo, hi) of item ids (got {items})")
+    return items.start or 0
+
+
 class SASRec(Pretrained, nn.Module):
     """SASRec (Kang & McAuley 2018): item + position embeddings -> causal self-attention blocks -> a
     hidden state per position, scored against the item table (shared input/output embeddings).
@@ -191,11 +245,15 @@ class SASRec(Pretrained, nn.Module):
             x_BTD = block(x_BTD, mask_B1TT)
         return self.ln_f(x_BTD)
 
-    def logits(self, h_PD: Tensor, items: Tensor | None = None) -> Tensor:
-        """Scores of all items (P, I+1) (padding column is -inf), or of `items` (P, C) per row."""
-        if items is None:
-            logits_PI = h_PD @ self.item_emb.weight.T
-            logits_PI[:, 0] = float("-inf")
+    def logits(self, h_PD: Tensor, items: Tensor | slice | None = None) -> Tensor:
+        """Scores of all items (P, I+1) (padding column is -inf), of the item ids in `slice(lo, hi)`
+        (P, hi - lo: those columns of all items' scores, up to rounding; chunked full ranking), or of
+        `items` (P, C) per row."""
+        if items is None or isinstance(items, slice):
+            lo = _slice_start(items)
+            logits_PI = h_PD @ self.item_emb.weight[items if items is not None else slice(None)].T
+            if lo == 0:
+                logits_PI[:, 0] = float("-inf")
             return logits_PI
         return (h_PD.unsqueeze(1) * self.item_emb(items)).sum(-1)
 
@@ -203,9 +261,12 @@ class SASRec(Pretrained, nn.Module):
         """Ranking scores of every item for the next step after each sequence: (B, I+1)."""
         return self.logits(self.forward(items_BT)[:, -1])
 
-    def next_item_loss(self, h_PD: Tensor, target_P: Tensor) -> Tensor:
+    def next_item_loss(self, h_PD: Tensor, target_P: Tensor, chunk: int | None = None) -> Tensor:
         """Mean full-softmax cross-entropy of the next items (P,) given hidden states (P, D).
-        Scores items 1..I only (no padding column to mask: one pass less over (P, I))."""
+        Scores items 1..I only (no padding column to mask: one pass less over (P, I)). `chunk`: score
+        that many positions at a time (`chunked_cross_entropy`: memory (chunk, I), not 3 x (P, I))."""
+        if chunk is not None:
+            return chunked_cross_entropy(h_PD, self.item_emb.weight[1:], target_P - 1, chunk)
         return F.cross_entropy(h_PD @ self.item_emb.weight[1:].T, target_P - 1)
 
 
@@ -319,16 +380,20 @@ class FAME(SASRec):
         """(P, H) weights of the heads, from all heads' outputs (float32 softmax: sums to one)."""
         return self.gate(h_PD).float().softmax(-1).to(h_PD.dtype)
 
-    def heads(self, h_PD: Tensor, items: Tensor | None = None) -> FAMEOutput:
-        """Each head's scores of all items (P, H, I+1), or of `items` (P, H, C), and the head gate."""
+    def heads(self, h_PD: Tensor, items: Tensor | slice | None = None) -> FAMEOutput:
+        """Each head's scores of all items (P, H, I+1), of the ids in `slice(lo, hi)` (P, H, hi - lo), or
+        of `items` (P, H, C), and the head gate."""
         P, D = h_PD.shape
         H = self.config.num_heads
         h_PHK = h_PD.view(P, H, D // H)
         gate_PH = self.head_gate(h_PD)
-        if items is None:
-            sub_HIK = torch.einsum("id,hdk->hik", self.item_emb.weight, self.item_proj_HDK)
+        if items is None or isinstance(items, slice):
+            lo = _slice_start(items)
+            weight_ID = self.item_emb.weight[items if items is not None else slice(None)]
+            sub_HIK = torch.einsum("id,hdk->hik", weight_ID, self.item_proj_HDK)
             head_PHI = torch.einsum("phk,hik->phi", h_PHK, sub_HIK)
-            head_PHI[..., 0] = float("-inf")
+            if lo == 0:
+                head_PHI[..., 0] = float("-inf")
         else:
             sub_PCHK = torch.einsum("pcd,hdk->pchk", self.item_emb(items), self.item_proj_HDK)
             head_PHI = torch.einsum("phk,pchk->phc", h_PHK, sub_PCHK)
@@ -347,7 +412,7 @@ class FAME(SASRec):
         out = self.heads(h_PD, items)
         if self.config.head_mixing == "logits":
             return (self.score_weights(out.gate_PH).unsqueeze(-1) * out.head_logits_PHI).sum(1)
-        if items is not None:
+        if items is not None:  # a slice too: the softmax needs every item
             raise ValueError("FAME with head_mixing='probability' scores against the full item set only; "
                              "use head_mixing='logits' for sampled negatives (loss='bce')")
         # Leave the padding column out of the softmax: a logsumexp over all -inf has a NaN gradient.
@@ -355,12 +420,14 @@ class FAME(SASRec):
         log_p_PI = torch.logsumexp(log_p_PHI + out.gate_PH.float().log().unsqueeze(-1), dim=1)
         return F.pad(log_p_PI, (1, 0), value=float("-inf"))
 
-    def next_item_loss(self, h_PD: Tensor, target_P: Tensor) -> Tensor:
+    def next_item_loss(self, h_PD: Tensor, target_P: Tensor, chunk: int | None = None) -> Tensor:
         """Mean cross-entropy of the next items (P,). 'probability' mixing: the mixture's NLL,
         -log sum_h g_h softmax_h(scores)[target], from each head's cross-entropy (fused log-softmax)
         mixed in log space; the (P, I) mixture is never built, which makes a training step ~3x cheaper
         than cross-entropy on `logits` (same value). Items 1..I only: no -inf padding column, whose
         gradient through the gate would be NaN (0 * inf)."""
+        if chunk is not None:
+            raise ValueError("FAME scores all its heads' items at once: a chunked loss is SASRec's only")
         P, D = h_PD.shape
         H = self.config.num_heads
         h_HPK = h_PD.view(P, H, D // H).transpose(0, 1)

@@ -32,7 +32,7 @@ from moekit.train.loop import (
     seed_everything,
     set_threads,
 )
-from moekit.train.metrics import recall_hit_at_k, top_k_excluding
+from moekit.train.metrics import chunked_top_k, recall_hit_at_k, top_k_excluding
 from moekit.train.parallel import DataParallel
 from moekit.train.results import Stopwatch, TrainResult
 from moekit.train.run import Run
@@ -138,6 +138,25 @@ def two_tower_scores(model: TwoTower, data: RetrievalData, batch_size: int = 102
     users = [model.user_forward(u, h).embedding for u, h in
              zip(data.eval_user.split(batch_size), data.eval_history.split(batch_size), strict=True)]
     return torch.cat(users) @ items_ID.T
+
+
+@torch.no_grad()
+def evaluate_model(model: TwoTower, data: RetrievalData, ks=KS, batch_size: int = 1024,
+                   item_chunk: int = 8192) -> dict[str, float]:
+    """`evaluate_scores(two_tower_scores(model, data), data, ks)` without the (users x items) matrix: each
+    batch of users walks the catalogue `item_chunk` items at a time keeping a running top-K
+    (`chunked_top_k`), so memory is (batch_size x item_chunk) beyond the item embeddings."""
+    model.eval()
+    items_ID = model.all_item_embeddings()
+    topk = []
+    for lo in range(0, len(data.eval_user), batch_size):
+        user_B = data.eval_user[lo:lo + batch_size]
+        u_BD = model.user_forward(user_B, data.eval_history[lo:lo + batch_size]).embedding
+        seen_BI = data.seen[user_B]
+        topk.append(chunked_top_k(lambda a, b: (u_BD @ items_ID[a:b].T).float(), len(items_ID), max(ks),  # noqa: B023
+                                  lambda a, b: seen_BI[:, a:b], item_chunk).cpu())  # noqa: B023
+    topk_UK = torch.cat(topk) if topk else torch.zeros(0, max(ks), dtype=torch.long)
+    return recall_hit_at_k(topk_UK.numpy(), data.eval_target.numpy(), ks)
 
 
 def popularity_scores(data: RetrievalData) -> torch.Tensor:
@@ -347,7 +366,7 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
         model.eval()  # no dropout in the exported embeddings
         run.save_model(model)
         run.write_artifact("item_embeddings.safetensors", _tensor_bytes(model.all_item_embeddings()))
-        metrics = evaluate_scores(two_tower_scores(model, data), data, tuple(settings.ks))
+        metrics = evaluate_model(model, data, tuple(settings.ks))
         extra = {"split": config.data.split, "num_eval_users": len(data.eval_user), "tower": model_cfg.tower}
         result = TrainResult("two-tower", model, metrics, {}, run.metrics, None, step, watch.seconds, run.path, extra)
         run.write_results(result.to_json())
@@ -412,7 +431,7 @@ def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = 
     """The test metrics of a finished two-tower run, computed again from its folder and its data."""
     loaded = load_run(Path(path), device)
     _, data = load_run_data(loaded, data_dir)
-    return evaluate_scores(two_tower_scores(loaded.model, data), data, tuple(loaded.config.train.ks))
+    return evaluate_model(loaded.model, data, tuple(loaded.config.train.ks))
 
 
 class ItemIndex:
