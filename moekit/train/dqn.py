@@ -39,16 +39,7 @@ from moekit.rl.dqn import (
 from moekit.rl.policies import Policy, q_policy
 from moekit.rl.replay import NStepCollector, ReplayBuffer
 from moekit.rl.simulator import LoggedRatings, RecommendationEnv, SimulatorConfig, UserSimulator
-from moekit.train.loop import (
-    TrainSettings,
-    build_optimizer,
-    optimizer_step,
-    progress_bar,
-    resolve_device,
-    run_config_class,
-    seed_everything,
-    set_threads,
-)
+from moekit.train import loop
 from moekit.train.parallel import launched_by_torchrun
 from moekit.train.results import Stopwatch, TrainResult
 from moekit.train.run import Run
@@ -91,7 +82,7 @@ class DQNDataConfig(InteractionsConfig):
 
 @documented
 @dataclass
-class DQNTrainSettings(TrainSettings):
+class DQNTrainSettings(loop.TrainSettings):
     """How `moekit train dqn` trains (the `train` section). With gamma 0 the same loop trains the myopic
     greedy ranker: a Q-network that predicts the immediate reward from the same observation and data."""
 
@@ -153,7 +144,7 @@ class DQNTrainSettings(TrainSettings):
         check_number("train.huber_delta", self.huber_delta, 0.0, strict_min=True)
 
 
-DQNConfig = run_config_class(
+DQNConfig = loop.run_config_class(
     "DQNConfig", QNetworkOptions, DQNDataConfig, DQNTrainSettings,
     "Everything one `moekit train dqn` run needs: `model` (the Q-network), `data` (the ratings the "
     "simulator learns tastes from, and its dynamics), `train` (DQN's schedule).")
@@ -235,7 +226,7 @@ def learn_step(online: QNetwork, target: QNetwork, opt: torch.optim.Optimizer, b
                       torch.from_numpy(batch.next_mask), settings.double)
     loss = dqn_loss(q_BI, torch.from_numpy(batch.action), y, settings.huber_delta) + aux
     loss.backward()
-    optimizer_step(opt, loss, step, last_good, settings.grad_clip)
+    loop.optimizer_step(opt, loss, step, last_good, settings.grad_clip)
     return float(loss.detach())
 
 
@@ -257,10 +248,10 @@ def fit(config: DQNConfig, out: str | Path | None = None, *, mode: str = "new", 
     if launched_by_torchrun():
         raise ConfigError("moekit train dqn runs in one process: the simulator's sessions are sequential "
                           "(launch it without torchrun)")
-    set_threads(settings.threads)
+    loop.set_threads(settings.threads)
     Run.check_target(out, mode)
-    resolve_device("cpu" if settings.device == "auto" else settings.device)  # the Q-network runs on the CPU
-    seed_everything(settings.seed)  # torch's global stream initialises the network
+    loop.resolve_device("cpu" if settings.device == "auto" else settings.device)  # the Q-network runs on the CPU
+    loop.seed_everything(settings.seed)  # torch's global stream initialises the network
     rng = np.random.default_rng(settings.seed)  # exploration and replay sampling
     if sim is None:
         if data is None:
@@ -273,7 +264,7 @@ def fit(config: DQNConfig, out: str | Path | None = None, *, mode: str = "new", 
     env = RecommendationEnv(sim, "train")
     online = build_q_network(config, sim)
     target = copy.deepcopy(online).requires_grad_(False)
-    opt = build_optimizer(online, settings, kind="adam", fused=False)
+    opt = loop.build_optimizer(online, settings, kind="adam", fused=False)
     obs, info = env.reset(seed=settings.seed)
     buffer = ReplayBuffer(settings.buffer_size, obs, sim.num_items)
     collector = NStepCollector(buffer, settings.n_step if settings.gamma > 0 else 1, settings.gamma)
@@ -287,7 +278,7 @@ def fit(config: DQNConfig, out: str | Path | None = None, *, mode: str = "new", 
                                   "simulator": asdict(sim.config)}, settings.RUNTIME_KEYS)
         episode_return, episode_len, returns, lengths, losses = 0.0, 0, [], [], []
         curve: dict[str, list] = {"step": [], "return": [], "session_length": [], "hit_rate": []}
-        bar = progress_bar(settings.progress, total=settings.total_steps, desc=name)
+        bar = loop.progress_bar(settings.progress, total=settings.total_steps, desc=name)
         watch = Stopwatch()
         with watch:
             for step in range(settings.total_steps):
@@ -422,12 +413,7 @@ def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = 
     """The test metrics of a finished dqn run, computed again: the simulator rebuilt from the run's saved
     data, dynamics and seed, the saved Q-network playing one greedy session per held-out user."""
     loaded = load_run(Path(path))
-    if loaded.config is None:
-        raise ValueError(f"{path} is a saved Q-network without its run config: no simulator to evaluate in")
-    config = loaded.config
-    if data_dir is not None:
-        field_name = "path" if config.data.dataset == "interactions" else "data_dir"
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, **{field_name: str(data_dir)}))
+    config = dataclasses.replace(loaded.config, data=loaded.data_config(data_dir))
     data = data if data is not None else load_data(config.data)
     sim = UserSimulator(data, SimulatorConfig(**loaded.simulator), seed=config.train.seed)
     metrics = evaluate_policy(sim, q_policy(loaded.model), sim.test_users, seed=config.train.seed)

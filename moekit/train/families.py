@@ -61,6 +61,18 @@ class LoadedRun:
     artifacts: dict[str, Any] = field(default_factory=dict)
     """feature_spec (mtl), items (seqrec, two-tower), tokenizer (lm), ..."""
 
+    def data_config(self, data_dir: str | os.PathLike | None = None, needed_for: str = "evaluate") -> Any:
+        """The run's data config; `data_dir` (`eval --data-dir`) takes the place of the file (`path`) or
+        folder (`data_dir`) it names, for a run folder moved away from its data."""
+        if self.config is None:
+            raise ValueError(f"{self.path} is a saved model without its training config: nothing to {needed_for} "
+                             f"it on")
+        data = self.config.data
+        if data_dir is None:
+            return data
+        uses_file = getattr(data, "path", None) is not None or not hasattr(data, "data_dir")
+        return dataclasses.replace(data, **{"path" if uses_file else "data_dir": str(data_dir)})
+
     def __getattr__(self, name: str) -> Any:
         artifacts = self.__dict__.get("artifacts", {})
         if name in artifacts:

@@ -28,21 +28,9 @@ from torch import nn
 from moekit.config import ConfigError, check_choice, check_int, check_number, config_dict, documented
 from moekit.data.text import TokenData, prepare_text_data
 from moekit.models.transformer import Transformer, TransformerConfig
+from moekit.train import loop
 from moekit.train.balancing import attach_expert_bias_updates
 from moekit.train.checkpoint import find_checkpoint
-from moekit.train.loop import (
-    NonFiniteError,
-    RNGState,
-    TrainSettings,
-    build_optimizer,
-    cosine_lr,
-    gradient_norm,
-    progress_bar,
-    resolve_device,
-    seed_everything,
-    set_lr,
-    set_threads,
-)
 from moekit.train.results import TrainResult
 from moekit.train.run import Run
 
@@ -74,7 +62,7 @@ class LMDataConfig:
 
 @documented
 @dataclass
-class LMTrainSettings(TrainSettings):
+class LMTrainSettings(loop.TrainSettings):
     """How `moekit train lm` trains (the `train` section)."""
 
     seed: int = 1337
@@ -119,7 +107,7 @@ class LMTrainSettings(TrainSettings):
     """Start from the weights of this model folder (an imported, upcycled or trained model) instead of a
     random initialisation; its model config must match `model`."""
 
-    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = TrainSettings.RUNTIME_KEYS + (
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = loop.TrainSettings.RUNTIME_KEYS + (
         "log_interval", "eval_tokens", "tensorboard", "checkpoint_interval")
 
     def __post_init__(self) -> None:
@@ -258,7 +246,7 @@ def check_step(loss: float, grad_norm: torch.Tensor | float, step: int, last_goo
         what = f"loss became {loss}" if not math.isfinite(loss) else \
             f"gradient norm became {float(grad_norm)} (loss {loss:.6g})"
         kept = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint had been written yet"
-        raise NonFiniteError(f"{what} at step {step}; stopped before the update{kept}")
+        raise loop.NonFiniteError(f"{what} at step {step}; stopped before the update{kept}")
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -271,7 +259,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     n = len(batches)
     loss = sum(float(a[0]) for a in acc.losses) / n
     params = [p for p in model.parameters()]
-    norm = gradient_norm(params, grad_clip)
+    norm = loop.gradient_norm(params, grad_clip)
     check_step(loss, norm, step, last_good, optimizer)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -340,7 +328,7 @@ class Parallelism:
 
     def setup(self, config: LMConfig) -> torch.device:
         """Check the config, start whatever the processes need; returns this process's device."""
-        return resolve_device(config.train.device)
+        return loop.resolve_device(config.train.device)
 
     def barrier(self) -> None:
         """Wait until every process gets here (the main one tokenizes the data before the others read it)."""
@@ -395,13 +383,13 @@ def fit(config: LMConfig, out: str | Path | None = None, *, mode: str = "new", s
     """
     par = parallelism or Parallelism()
     settings = config.train
-    set_threads(settings.threads)
+    loop.set_threads(settings.threads)
     device = par.setup(config)
     main = par.is_main_process
     if main:  # before any data is read: a refused folder costs nothing
         Run.check_target(out, mode)
     config = dataclasses.replace(config, data=resolve_data(config.data))
-    generator = seed_everything(settings.seed)  # the data order: random windows drawn from this
+    generator = loop.seed_everything(settings.seed)  # the data order: random windows drawn from this
     run = Run(out, "lm", mode, writer=main, tensorboard=settings.tensorboard)
     with run:
         if main:  # the main process tokenizes into the cache; the others then open it
@@ -415,7 +403,7 @@ def fit(config: LMConfig, out: str | Path | None = None, *, mode: str = "new", s
             load_weights_from(model, settings.init)
         params = model.num_parameters()  # of the whole model, before parallelize may shard its experts
         model = par.parallelize(model)
-        optimizer = build_optimizer(model, settings, kind="adamw", betas=(settings.beta1, settings.beta2),
+        optimizer = loop.build_optimizer(model, settings, kind="adamw", betas=(settings.beta1, settings.beta2),
                                     fused=False)
         par.attach_expert_bias_updates(model, optimizer)
         autocast = lambda: autocast_context(device, settings.dtype)  # noqa: E731
@@ -427,7 +415,7 @@ def fit(config: LMConfig, out: str | Path | None = None, *, mode: str = "new", s
         if tokenizer_file is not None and main:
             run.write_artifact("tokenizer.json", (tokenizer_file / "tokenizer.json").read_bytes())
         step, tokens, load_rows = 0, 0, []
-        rng = RNGState(generator)
+        rng = loop.RNGState(generator)
         last_good = ""
         if mode == "resume":
             state, tensors = par.load_checkpoint(run, model, optimizer)
@@ -442,11 +430,11 @@ def fit(config: LMConfig, out: str | Path | None = None, *, mode: str = "new", s
         started = time.perf_counter()
         load_counts: dict[int, torch.Tensor] = {}
         load_dropped: dict[int, int] = {}
-        bar = progress_bar(settings.progress and main, total=total_steps, initial=step)
+        bar = loop.progress_bar(settings.progress and main, total=total_steps, initial=step)
         model.train()
         while step < end_step:
-            lr = cosine_lr(step, settings.lr, settings.warmup_steps, total_steps, settings.min_lr_ratio)
-            set_lr(optimizer, lr)
+            lr = loop.cosine_lr(step, settings.lr, settings.warmup_steps, total_steps, settings.min_lr_ratio)
+            loop.set_lr(optimizer, lr)
             t0 = time.perf_counter()
             batches = [tuple(par.local_rows(t).to(device)
                              for t in data.get_batch("train", settings.batch_size, config.model.block_size,
@@ -566,7 +554,7 @@ def load_run(path: Path, device: str = "cpu"):
     tensors = load_tensors(weights)
     model = Transformer(model_config)
     stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    model = model.to(device=resolve_device(device), dtype=stored)
+    model = model.to(device=loop.resolve_device(device), dtype=stored)
     load_weights(model, tensors, weights)
     tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
     return LoadedRun("lm", model.eval(), folder, config, {"tokenizer": tokenizer, "weights": weights})
@@ -577,9 +565,7 @@ def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = 
     loaded = load_run(Path(path), device)
     if loaded.config is None:
         raise ValueError(f"{path} is a model folder without a training config: pass --text to evaluate it")
-    config = loaded.config
-    if data_dir is not None:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(data_dir)))
+    config = dataclasses.replace(loaded.config, data=loaded.data_config(data_dir))
     data = build_data(config, loaded.path)
     device_ = next(loaded.model.parameters()).device
     autocast = lambda: autocast_context(device_, config.train.dtype)  # noqa: E731

@@ -32,20 +32,9 @@ from torch import Tensor, nn
 from moekit.config import ConfigError, check_choice, check_int, config_dict, documented
 from moekit.data.tabular import MultiTaskData, TabularBatch
 from moekit.models.multitask import MultiTaskConfig, MultiTaskModel, MultiTaskOptions
-from moekit.train.loop import (
-    EarlyStopping,
-    RNGState,
-    TrainSettings,
-    build_optimizer,
-    optimizer_step,
-    progress_bar,
-    resolve_device,
-    run_config_class,
-    seed_everything,
-    set_threads,
-)
+from moekit.train import loop
 from moekit.train.metrics import roc_auc
-from moekit.train.parallel import DataParallel
+from moekit.train.parallel import DataParallel, begin_fit
 from moekit.train.results import Stopwatch, TrainResult
 from moekit.train.run import Run
 
@@ -133,7 +122,7 @@ class MTLDataConfig:
 
 @documented
 @dataclass
-class MTLTrainSettings(TrainSettings):
+class MTLTrainSettings(loop.TrainSettings):
     """How `moekit train mtl` trains (the `train` section)."""
 
     lr: float = 1e-3
@@ -151,7 +140,7 @@ class MTLTrainSettings(TrainSettings):
     task_weights: dict[str, float] | None = None
     """Fixed loss weight per task name, e.g. {income: 1.0, marital: 0.5} (default 1 each)."""
 
-    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = TrainSettings.RUNTIME_KEYS + ("eval_batch_size",)
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = loop.TrainSettings.RUNTIME_KEYS + ("eval_batch_size",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,7 +153,7 @@ class MTLTrainSettings(TrainSettings):
                 raise ConfigError(f"train.task_weights.{task} must be a number >= 0 (got {weight!r})")
 
 
-MTLConfig = run_config_class(
+MTLConfig = loop.run_config_class(
     "MTLConfig", MultiTaskOptions, MTLDataConfig, MTLTrainSettings,
     "Everything one `moekit train mtl` run needs: `model` (architecture and sizes; the features and tasks "
     "come from the data), `data` (the table and its split), `train` (optimisation, early stopping, device).")
@@ -307,9 +296,10 @@ def selection_score(metrics: dict[str, float], mode: str, tasks: list[str], task
 # --- training -------------------------------------------------------------------------------
 
 
-def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, train: TabularBatch, settings: TrainSettings,
-                generator: torch.Generator, parallel: DataParallel | None = None, first_step: int = 0,
-                last_good: str | Callable[[], str] = "", progress: bool = False, desc: str = "") -> tuple[float, int]:
+def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, train: TabularBatch,
+                settings: loop.TrainSettings, generator: torch.Generator, parallel: DataParallel | None = None,
+                first_step: int = 0, last_good: str | Callable[[], str] = "", progress: bool = False,
+                desc: str = "") -> tuple[float, int]:
     """One pass over `train` (tensors on the device) in a seeded random order: index slices, no
     DataLoader. Every process draws the same order and takes its share of each batch. Each step
     goes through the non-finite guard. Returns (mean loss over the epoch's batches, optimizer steps)."""
@@ -317,7 +307,7 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, train: T
     objective.train()
     n, batch_size = len(train), settings.batch_size
     order = torch.randperm(n, generator=generator).to(train.cat_NC.device)
-    bar = progress_bar(progress, total=n, unit="row", desc=desc, leave=False, unit_scale=True)
+    bar = loop.progress_bar(progress, total=n, unit="row", desc=desc, leave=False, unit_scale=True)
     loss_sum, steps = 0.0, 0
     for lo in range(0, n, batch_size):
         idx = order[lo:lo + batch_size]
@@ -328,7 +318,7 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, train: T
         loss = objective(train.cat_NC.index_select(0, local), train.num_NF.index_select(0, local),
                          train.labels_NT.index_select(0, local), parallel.loss_scale(local.numel(), idx.numel()))
         loss.backward()
-        optimizer_step(optimizer, loss, first_step + steps + 1, last_good, settings.grad_clip)
+        loop.optimizer_step(optimizer, loss, first_step + steps + 1, last_good, settings.grad_clip)
         loss_sum += parallel.global_loss(loss)
         steps += 1
         bar.update(idx.numel())
@@ -409,26 +399,22 @@ def fit(config: MTLConfig, out: str | Path | None = None, *, mode: str = "new", 
     may be passed to reuse a loaded split. Under torchrun, every process calls this.
     """
     settings = config.train
-    set_threads(settings.threads)
-    parallel = DataParallel(resolve_device(settings.device))
-    if parallel.is_main:  # before any data is read: a refused folder costs nothing
-        Run.check_target(out, mode)
+    parallel, generator = begin_fit(settings, out, mode)
     device = parallel.device
-    generator = seed_everything(settings.seed)
     if data is None:
         config = dataclasses.replace(config, data=resolve_data(config.data))
         data = load_data(config.data, log)
     model = MultiTaskModel(model_config(config, data)).to(device)
     objective = MultiTaskObjective(model, settings).to(device)
     trained = parallel.wrap(objective)
-    optimizer = build_optimizer(objective, settings, kind="adam")
+    optimizer = loop.build_optimizer(objective, settings, kind="adam")
     train, valid = data.train.to(device), data.valid.to(device)
     metric, metric_mode, metric_tasks = selection_metric(model, valid)
     if metric_mode == "min":
         log(f"no binary task has both classes in the validation split (AUC undefined); "
             f"early stopping uses the {metric}")
-    stopper = EarlyStopping(metric, settings.patience, metric_mode)
-    rng = RNGState(generator)
+    stopper = loop.EarlyStopping(metric, settings.patience, metric_mode)
+    rng = loop.RNGState(generator)
     run = Run(out, "mtl", mode, writer=parallel.is_main, tensorboard=True)
     with run:
         run.write_config(model, {"data": config_dict(config.data), "train": config_dict(settings)},
@@ -436,10 +422,7 @@ def fit(config: MTLConfig, out: str | Path | None = None, *, mode: str = "new", 
         run.write_artifact("feature_spec.json", data.spec.to_dict())
         done_epochs, step = 0, 0
         if mode == "resume":
-            state, tensors = run.resume_state(objective, optimizer)
-            rng.restore(tensors, state)
-            done_epochs, step = state["step"], state["optimizer_steps"]
-            stopper.load_state(state["stopper"], run.model_tensors())
+            done_epochs, step, _ = run.resume_epoch(objective, optimizer, rng, stopper)
         log(f"{data.name}: {', '.join(f'{t} ({k})' for t, k in zip(data.tasks, data.task_types, strict=True))}; "
             f"model {config.model.architecture}; protocol: {data.protocol}; rows train/valid/test = "
             f"{len(data.train)}/{len(data.valid)}/{len(data.test)}")
@@ -463,8 +446,7 @@ def fit(config: MTLConfig, out: str | Path | None = None, *, mode: str = "new", 
             run.log(row)
             log(f"epoch {epoch:3d}  train loss {train_loss:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in val.items())
                 + f"  {len(train) / seconds:,.0f} rows/s")
-            run.checkpoint(epoch, objective, optimizer, {"optimizer_steps": step, "stopper": stopper.state(),
-                                                         **rng.json()}, rng.tensors(), settings.keep_checkpoints)
+            run.checkpoint_epoch(epoch, objective, optimizer, step, rng, settings.keep_checkpoints, stopper)
             if stopper.should_stop:
                 log(f"early stop: the {metric} has not improved for {settings.patience} epochs")
                 break
@@ -515,7 +497,7 @@ def load_run(path: Path, device: str = "cpu"):
     from moekit.train.families import LoadedRun
 
     header = read_model_header(path)
-    model = MultiTaskModel.from_pretrained(path, device=resolve_device(device))
+    model = MultiTaskModel.from_pretrained(path, device=loop.resolve_device(device))
     spec_path = Path(path) / "feature_spec.json"
     spec = FeatureSpec.from_dict(_read_json(spec_path)) if spec_path.is_file() else None
     config = config_from_run(header) if "train" in header else None
@@ -536,14 +518,11 @@ def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = 
     """The test metrics of a finished mtl run, computed again: its data config reloaded (the same
     split, encoded with the saved feature spec) and its model evaluated."""
     loaded = load_run(Path(path), device)
-    if loaded.config is None:
-        raise ValueError(f"{path} is a saved model without a training config: no test split to evaluate on")
-    data_config = loaded.config.data
-    if data_dir is not None:
-        data_config = dataclasses.replace(data_config, data_dir=str(data_dir))
+    data_config = loaded.data_config(data_dir)
     data = load_data(data_config)
     if data.spec != loaded.feature_spec:
-        raise ValueError(f"the data in {data_config.data_dir} encodes differently from the run's feature spec "
+        raise ValueError(f"the data in {data_config.path or data_config.data_dir} encodes differently from the run's "
+                         f"feature spec "
                          f"({Path(path) / 'feature_spec.json'}): is it the data the run was trained on?")
     device_ = next(loaded.model.parameters()).device
     return evaluate(loaded.model, data.test.to(device_), loaded.config.train.eval_batch_size, data.spec.targets)
@@ -592,7 +571,7 @@ def predict_file(model: MultiTaskModel, spec, path: str | Path, out: str | Path,
                 scores.to_csv(f, index=False, header=rows == 0, float_format="%.6g")
                 rows += len(chunk)
                 if bar is None:
-                    bar = progress_bar(progress, unit="row", desc="scoring", unit_scale=True)
+                    bar = loop.progress_bar(progress, unit="row", desc="scoring", unit_scale=True)
                 bar.update(len(chunk))
             f.flush()
             os.fsync(f.fileno())

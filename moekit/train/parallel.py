@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.config import ConfigError
+from moekit.train.loop import TrainSettings, resolve_device, seed_everything, set_threads
+from moekit.train.run import Run
 
 
 def launched_by_torchrun() -> bool:
@@ -105,6 +107,17 @@ class DataParallel:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def begin_fit(settings: TrainSettings, out, mode: str) -> tuple[DataParallel, torch.Generator]:
+    """How every data-parallel `fit` begins: its threads, its device (and process group under torchrun),
+    the run folder checked before any data is read (a refused folder costs nothing), then the seeds.
+    Returns the processes and the seeded generator of the data order."""
+    set_threads(settings.threads)
+    parallel = DataParallel(resolve_device(settings.device))
+    if parallel.is_main:
+        Run.check_target(out, mode)
+    return parallel, seed_everything(settings.seed)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

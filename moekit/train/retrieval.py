@@ -21,19 +21,9 @@ from moekit.config import ConfigError, check_choice, check_int, config_dict, doc
 from moekit.data.interactions import InteractionsConfig
 from moekit.data.movielens import MovieLens, from_interactions, leave_last_out, load_movielens, user_sequences
 from moekit.models.two_tower import TwoTower, TwoTowerConfig, TwoTowerOptions, in_batch_softmax_loss
-from moekit.train.loop import (
-    RNGState,
-    TrainSettings,
-    build_optimizer,
-    optimizer_step,
-    progress_bar,
-    resolve_device,
-    run_config_class,
-    seed_everything,
-    set_threads,
-)
+from moekit.train import loop
 from moekit.train.metrics import chunked_top_k, recall_hit_at_k, top_k_excluding
-from moekit.train.parallel import DataParallel
+from moekit.train.parallel import begin_fit
 from moekit.train.results import Stopwatch, TrainResult
 from moekit.train.run import Run
 
@@ -199,7 +189,7 @@ class RetrievalDataConfig(InteractionsConfig):
 
 @documented
 @dataclass
-class TwoTowerTrainSettings(TrainSettings):
+class TwoTowerTrainSettings(loop.TrainSettings):
     """How `moekit train two-tower` trains (the `train` section)."""
 
     lr: float = 2e-3
@@ -226,7 +216,7 @@ class TwoTowerTrainSettings(TrainSettings):
             check_int("train.ks", k, 1)
 
 
-TwoTowerRunConfig = run_config_class(
+TwoTowerRunConfig = loop.run_config_class(
     "TwoTowerRunConfig", TwoTowerOptions, RetrievalDataConfig, TwoTowerTrainSettings,
     "Everything one `moekit train two-tower` run needs: `model` (the towers), `data` (the interactions "
     "and the held-out split), `train` (optimisation).")
@@ -301,11 +291,7 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
     Under torchrun every process calls this (data parallelism: each process takes its share of each
     batch's rows; the in-batch negatives stay the global batch's items)."""
     settings, options = config.train, config.model
-    set_threads(settings.threads)
-    parallel = DataParallel(resolve_device(settings.device))
-    if parallel.is_main:  # before any data is read: a refused folder costs nothing
-        Run.check_target(out, mode)
-    gen = seed_everything(settings.seed)
+    parallel, gen = begin_fit(settings, out, mode)
     if ml is None:
         config = dataclasses.replace(config, data=resolve_data(config.data))
         ml = load_interactions(config.data)
@@ -324,9 +310,9 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
     neg_log_q = float(np.log(max(settings.extra_negatives, 1) / data.num_items))
     trained = parallel.wrap(InBatchObjective(model, settings, log_q_I, neg_log_q, parallel.world))
     # AdamW on every parameter (norms and biases too), non-fused: the optimizer docs/results/retrieval.md ran.
-    opt = build_optimizer(model, settings, kind="adamw", decay_all=True, fused=False)
+    opt = loop.build_optimizer(model, settings, kind="adamw", decay_all=True, fused=False)
     steps_per_epoch = (N + B - 1) // B
-    rng = RNGState(gen)
+    rng = loop.RNGState(gen)
     run = Run(out, "two-tower", mode, writer=parallel.is_main, tensorboard=True)
     with run:
         run.write_config(model, {"data": config_dict(config.data), "train": config_dict(settings)},
@@ -335,10 +321,8 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
                                           "titles": list(ml.titles)})
         done, step = 0, 0
         if mode == "resume":
-            state, tensors = run.resume_state(model, opt)
-            rng.restore(tensors, state)
-            done, step = state["step"], state["optimizer_steps"]
-        bar = progress_bar(settings.progress and parallel.is_main, total=settings.epochs * steps_per_epoch,
+            done, step, _ = run.resume_epoch(model, opt, rng)
+        bar = loop.progress_bar(settings.progress and parallel.is_main, total=settings.epochs * steps_per_epoch,
                            initial=done * steps_per_epoch, desc=f"two-tower[{model_cfg.tower}]")
         watch = Stopwatch()
         for epoch in range(done, settings.epochs):
@@ -355,13 +339,12 @@ def fit(config: TwoTowerRunConfig, out: str | Path | None = None, *, mode: str =
                                    neg_ids) * parallel.world
                     loss.backward()
                     step += 1
-                    optimizer_step(opt, loss, step, run.last_good, settings.grad_clip)
+                    loop.optimizer_step(opt, loss, step, run.last_good, settings.grad_clip)
                     total += parallel.global_loss(loss) * len(idx)
                     bar.update(1)
             run.log({"epoch": epoch + 1, "step": step, "loss": total / N})
             bar.set_postfix(loss=f"{total / N:.4f}")
-            run.checkpoint(epoch + 1, model, opt, {"optimizer_steps": step, **rng.json()}, rng.tensors(),
-                           settings.keep_checkpoints)
+            run.checkpoint_epoch(epoch + 1, model, opt, step, rng, settings.keep_checkpoints)
         bar.close()
         model.eval()  # no dropout in the exported embeddings
         run.save_model(model)
@@ -403,7 +386,7 @@ def load_run(path: Path, device: str = "cpu"):
 
     path = Path(path)
     header = read_model_header(path)
-    model = TwoTower.from_pretrained(path, device=resolve_device(device))
+    model = TwoTower.from_pretrained(path, device=loop.resolve_device(device))
     items = json.loads((path / "items.json").read_text(encoding="utf-8")) if (path / "items.json").is_file() else None
     emb_path = path / "item_embeddings.safetensors"
     embeddings = load_tensors(emb_path)["item_embeddings"] if emb_path.is_file() else model.all_item_embeddings()
@@ -413,12 +396,8 @@ def load_run(path: Path, device: str = "cpu"):
 
 def load_run_data(loaded, data_dir: str | None = None) -> tuple[MovieLens, RetrievalData]:
     """The interactions a two-tower run was trained on, split as it was (checked to match the model)."""
-    if loaded.config is None:
-        raise ValueError(f"{loaded.path} holds a model without its data config")
-    data_config = loaded.config.data
-    if data_dir is not None and data_config.dataset == "interactions":
-        data_config = dataclasses.replace(data_config, path=str(data_dir))
-    ml = load_interactions(data_config, data_dir)
+    data_config = loaded.data_config(data_dir)
+    ml = load_interactions(data_config)
     model = loaded.model
     if ml.num_items != model.config.num_items or ml.num_users != model.config.num_users:
         raise ValueError(f"{ml.name} has {ml.num_users} users and {ml.num_items} items; the run was trained on "

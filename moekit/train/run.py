@@ -37,6 +37,7 @@ from moekit.config import ConfigError
 from moekit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, load_tensors
 from moekit.models.pretrained import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_model_header
 from moekit.train.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
+from moekit.train.loop import EarlyStopping, RNGState
 
 MODES = ("new", "resume", "overwrite")
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, "results.json", "metrics.csv", "checkpoints")
@@ -212,6 +213,25 @@ class Run:
         self._purge_step = state["step"]
         self.metrics = [row for row in read_metrics(self.path / "metrics.csv") if _row_step(row) <= state["step"]]
         return state, tensors
+
+    def checkpoint_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, optimizer_steps: int,
+                         rng: RNGState, keep: int, stopper: EarlyStopping | None = None, **state) -> None:
+        """The checkpoint an epoch-based loop writes after `epoch`: weights, optimizer, its step count,
+        every random stream and early stopping's record (plus `state`, e.g. a scheduler's)."""
+        if stopper is not None:
+            state["stopper"] = stopper.state()
+        self.checkpoint(epoch, model, optimizer, {"optimizer_steps": optimizer_steps, **state, **rng.json()},
+                        rng.tensors(), keep)
+
+    def resume_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, rng: RNGState,
+                     stopper: EarlyStopping | None = None) -> tuple[int, int, dict]:
+        """Restore what `checkpoint_epoch` wrote (early stopping's best state from RUN/model.safetensors);
+        returns (epochs done, optimizer steps, the checkpoint's state)."""
+        state, tensors = self.resume_state(model, optimizer)
+        rng.restore(tensors, state)
+        if stopper is not None:
+            stopper.load_state(state["stopper"], self.model_tensors())
+        return state["step"], state["optimizer_steps"], state
 
     def last_good(self) -> str:
         """The newest checkpoint or model file that exists (named by the non-finite guard)."""

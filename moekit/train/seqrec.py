@@ -40,18 +40,7 @@ from moekit.data.sequences import (
     pad_left,
 )
 from moekit.models.sequential import FAME, FAMEConfig, SASRec, SASRecConfig, build_model
-from moekit.train.loop import (
-    EarlyStopping,
-    RNGState,
-    TrainSettings,
-    build_optimizer,
-    optimizer_step,
-    progress_bar,
-    resolve_device,
-    run_config_class,
-    seed_everything,
-    set_threads,
-)
+from moekit.train import loop
 from moekit.train.metrics import (
     chunked_target_ranks,
     mask_history,
@@ -59,7 +48,7 @@ from moekit.train.metrics import (
     sampled_target_ranks,
     target_ranks,
 )
-from moekit.train.parallel import DataParallel
+from moekit.train.parallel import begin_fit
 from moekit.train.results import Stopwatch, TrainResult
 from moekit.train.run import Run
 
@@ -150,7 +139,7 @@ class SequenceDataConfig(InteractionsConfig):
 
 @documented
 @dataclass
-class SeqRecTrainSettings(TrainSettings):
+class SeqRecTrainSettings(loop.TrainSettings):
     """How `moekit train seqrec` trains and evaluates (the `train` section)."""
 
     lr: float = 3e-3
@@ -186,7 +175,7 @@ class SeqRecTrainSettings(TrainSettings):
     backward pass), so a step holds (loss_chunk x items) floats instead of ~3 x (positions x items): on
     Beauty 12,800 x 12,101 in the longest batches, ~1.9 GB. Equal up to rounding; None: all at once."""
 
-    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = TrainSettings.RUNTIME_KEYS + ("eval_batch_size",)
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = loop.TrainSettings.RUNTIME_KEYS + ("eval_batch_size",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -213,7 +202,7 @@ def _check_sections(config) -> None:
                           "full softmax per head); use head_mixing='logits' with loss='bce'")
 
 
-SeqRecConfig = run_config_class(
+SeqRecConfig = loop.run_config_class(
     "SeqRecConfig", SeqRecModelOptions, SequenceDataConfig, SeqRecTrainSettings,
     "Everything one `moekit train seqrec` run needs: `model` (architecture and sizes), `data` (the "
     "interaction sequences), `train` (optimisation, early stopping, evaluation protocol).", _check_sections)
@@ -399,12 +388,8 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
     every process calls this (data parallelism: see `moekit.train.parallel`).
     """
     settings, options = config.train, config.model
-    set_threads(settings.threads)
-    parallel = DataParallel(resolve_device(settings.device))
-    if parallel.is_main:  # before any data is read: a refused folder costs nothing
-        Run.check_target(out, mode)
+    parallel, generator = begin_fit(settings, out, mode)
     device = parallel.device
-    generator = seed_everything(settings.seed)
     rng = np.random.default_rng(settings.seed)
     if data is None:
         config = dataclasses.replace(config, data=resolve_data(config.data))
@@ -416,7 +401,7 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
     targets_per_batch = num_targets / math.ceil(len(inputs_WT) / settings.batch_size)
     model = model_factory(options.architecture, options.model_config(data.num_items)).to(device)
     trained = parallel.wrap(NextItemObjective(model, settings.loss, targets_per_batch, settings.loss_chunk))
-    optimizer = build_optimizer(model, settings, kind="adam")
+    optimizer = loop.build_optimizer(model, settings, kind="adam")
     scheduler = None
     if settings.lr_decay is not None:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=settings.lr_decay,
@@ -432,8 +417,8 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
         test_neg = sample_negatives(split.test_history, split.test_target, items, n, rng)
     eval_kw = dict(protocol=settings.eval_protocol, batch_size=settings.eval_batch_size,
                    by_length=settings.eval_by_length)
-    stopper = EarlyStopping("validation NDCG@10", settings.patience)
-    state_rng = RNGState(generator, rng)
+    stopper = loop.EarlyStopping("validation NDCG@10", settings.patience)
+    state_rng = loop.RNGState(generator, rng)
 
     run = Run(out, "seqrec", mode, writer=parallel.is_main, tensorboard=True)
     with run:
@@ -442,14 +427,11 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
         run.write_artifact("items.json", item_catalogue(data))
         done_epochs, step = 0, 0
         if mode == "resume":
-            state, tensors = run.resume_state(model, optimizer)
-            state_rng.restore(tensors, state)
-            done_epochs, step = state["step"], state["optimizer_steps"]
-            stopper.load_state(state["stopper"], run.model_tensors())
+            done_epochs, step, state = run.resume_epoch(model, optimizer, state_rng, stopper)
             if scheduler is not None:
                 scheduler.load_state_dict(state["scheduler"])
         watch = Stopwatch()
-        bar = progress_bar(settings.progress and parallel.is_main, total=settings.epochs, initial=done_epochs,
+        bar = loop.progress_bar(settings.progress and parallel.is_main, total=settings.epochs, initial=done_epochs,
                            unit="epoch", desc=f"{options.architecture} {data.name}")
         for epoch in range(done_epochs + 1, settings.epochs + 1):
             if stopper.should_stop:
@@ -457,7 +439,7 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
             trained.train()
             t0 = time.perf_counter()
             total, batches = 0.0, length_bucketed_batches(lengths_W, settings.batch_size, generator)
-            inner = progress_bar(settings.progress and parallel.is_main, total=len(batches), unit="batch",
+            inner = loop.progress_bar(settings.progress and parallel.is_main, total=len(batches), unit="batch",
                                  desc=f"epoch {epoch}", leave=False)
             with watch:
                 for idx in batches:
@@ -473,7 +455,7 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
                     loss = loss * parallel.world  # DDP averages: world x (local sum / global targets per batch)
                     loss.backward()
                     step += 1
-                    optimizer_step(optimizer, loss, step, run.last_good, settings.grad_clip)
+                    loop.optimizer_step(optimizer, loss, step, run.last_good, settings.grad_clip)
                     total += parallel.global_loss(loss)
                     inner.update(1)
             inner.close()
@@ -487,10 +469,9 @@ def fit(config: SeqRecConfig, out: str | Path | None = None, *, mode: str = "new
                 run.save_model(model)
             run.log({"epoch": epoch, "step": step, "loss": total / len(batches), "lr": lr, "train_s": train_s,
                      "valid HR@10": valid["HR@10"], "valid NDCG@10": valid["NDCG@10"]})
-            extra_state = {"optimizer_steps": step, "stopper": stopper.state(), **state_rng.json()}
-            if scheduler is not None:
-                extra_state["scheduler"] = scheduler.state_dict()
-            run.checkpoint(epoch, model, optimizer, extra_state, state_rng.tensors(), settings.keep_checkpoints)
+            scheduler_state = {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
+            run.checkpoint_epoch(epoch, model, optimizer, step, state_rng, settings.keep_checkpoints, stopper,
+                                 **scheduler_state)
             bar.update(1)
             bar.set_postfix_str(f"loss {total / len(batches):.3f} val {_fmt(valid)} best@{stopper.best_epoch} "
                                 f"{len(inputs_WT) / train_s:,.0f} seq/s")
@@ -553,7 +534,7 @@ def load_run(path: Path, device: str = "cpu"):
     from moekit.train.families import LoadedRun
 
     header = read_model_header(path)
-    model = SASRec.from_pretrained(path, device=resolve_device(device))
+    model = SASRec.from_pretrained(path, device=loop.resolve_device(device))
     items_path = Path(path) / "items.json"
     items = json.loads(items_path.read_text(encoding="utf-8")) if items_path.is_file() else None
     config = config_from_run(header) if "train" in header else None
@@ -563,15 +544,11 @@ def load_run(path: Path, device: str = "cpu"):
 def evaluate_run(path: str | Path, device: str = "auto", data_dir: str | None = None) -> dict[str, float]:
     """The test metrics of a finished seqrec run, computed again from its folder and its data."""
     loaded = load_run(Path(path), device)
-    if loaded.config is None:
-        raise ValueError(f"{path} is a saved model without a training config: no test users to evaluate")
-    data_config = loaded.config.data
-    if data_dir is not None:
-        data_config = dataclasses.replace(data_config, data_dir=str(data_dir))
+    data_config = loaded.data_config(data_dir)
     data = load_data(data_config)
     if data.num_items != loaded.model.config.num_items:
-        raise ValueError(f"the data in {data_config.data_dir} has {data.num_items} items but the run was trained "
-                         f"on {loaded.model.config.num_items}: is it the data the run was trained on?")
+        raise ValueError(f"the data in {data_config.path or data_config.data_dir} has {data.num_items} items but "
+                         f"the run was trained on {loaded.model.config.num_items}: is it the data it was trained on?")
     settings = loaded.config.train
     split = leave_one_out(data.sequences)
     test_neg = None
