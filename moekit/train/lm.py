@@ -452,8 +452,8 @@ def fit(config: LMConfig, out: str | Path | None = None, *, mode: str = "new", s
                 load_counts[layer] = load_counts[layer] + c if layer in load_counts else c.clone()
                 load_dropped[layer] = load_dropped.get(layer, 0) + result.dropped_tokens[layer]
             rate = session_tokens / max(train_seconds, 1e-9)
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)  # drawn by update
             bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{rate:,.0f}")
 
             val_loss = None
             if step % settings.eval_interval == 0 or step == total_steps:
