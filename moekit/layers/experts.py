@@ -59,6 +59,9 @@ def activate(h: Tensor, expert_type: str, activation: str, alpha: float = 1.702,
     """The nonlinearity between the two projections. Gated types get [gate | up] along the last dim;
     `alpha` and `limit` are those of 'clamped_swiglu'."""
     if expert_type in ("swiglu", "geglu"):
+        if not (h.requires_grad and torch.is_grad_enabled()):  # inference: the formula, no autograd node
+            gate, up = h.chunk(2, dim=-1)
+            return (F.silu(gate) if expert_type == "swiglu" else F.gelu(gate)) * up
         return _GatedActivation.apply(h, expert_type == "swiglu")
     if expert_type == "clamped_swiglu":
         return clamped_swiglu(h, alpha, limit)
@@ -143,7 +146,7 @@ class GroupedExperts(nn.Module):
         return activate(h, self.expert_type, self.activation, self.swiglu_alpha, self.swiglu_limit)
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731 (autocast-style cast)
+        cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731 (autocast-style cast)
         return cast(self.w_in), cast(self.b_in), cast(self.w_out), cast(self.b_out)
 
     def forward(self, x_PD: Tensor, offsets_E: Tensor) -> Tensor:
