@@ -14,7 +14,7 @@ from moekit.config import check_choice, check_int, check_number, documented
 EXPERT_TYPES = ("swiglu", "geglu", "mlp", "linear", "clamped_swiglu")
 ACTIVATIONS = ("relu", "gelu", "silu")
 ROUTERS = ("softmax_topk", "topk_softmax", "noisy_topk", "sigmoid_topk", "expert_choice", "soft")
-BACKENDS = ("auto", "grouped", "loop", "dense")
+BACKENDS = ("auto", "grouped", "sparse", "loop", "dense")
 GROUP_SCORES = ("auto", "max", "top2_sum")
 
 

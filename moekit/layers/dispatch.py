@@ -121,9 +121,13 @@ class _GatherAssignmentRows(torch.autograd.Function):
         return grad_AD.new_zeros(ctx.num_rows, grad_AD.shape[-1]).index_copy_(0, row_A, grad_AD), None
 
 
+def _needs_grad(x: Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def gather_tokens(x_TD: Tensor, dispatch: Dispatch) -> Tensor:
     """(T, D) -> (P, D): each grouped row's token."""
-    if dispatch.dropless:
+    if dispatch.dropless and _needs_grad(x_TD):
         return _GatherTokenRows.apply(x_TD, dispatch.token_P, dispatch.row_A)
     return x_TD.index_select(0, dispatch.token_P)
 
@@ -135,7 +139,7 @@ def combine_token_choice(y_PD: Tensor, dispatch: Dispatch, weights_TK: Tensor) -
     fixed and the result deterministic on every device. Dropped assignments must have weight 0.
     """
     T, K = weights_TK.shape
-    if dispatch.dropless:
+    if dispatch.dropless and _needs_grad(y_PD):
         y_AD = _GatherAssignmentRows.apply(y_PD, dispatch.row_A)
     else:
         y_AD = y_PD.index_select(0, dispatch.row_A)

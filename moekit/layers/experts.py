@@ -59,6 +59,9 @@ def activate(h: Tensor, expert_type: str, activation: str, alpha: float = 1.702,
     """The nonlinearity between the two projections. Gated types get [gate | up] along the last dim;
     `alpha` and `limit` are those of 'clamped_swiglu'."""
     if expert_type in ("swiglu", "geglu"):
+        if not (h.requires_grad and torch.is_grad_enabled()):  # inference: the formula, no autograd node
+            gate, up = h.chunk(2, dim=-1)
+            return (F.silu(gate) if expert_type == "swiglu" else F.gelu(gate)) * up
         return _GatedActivation.apply(h, expert_type == "swiglu")
     if expert_type == "clamped_swiglu":
         return clamped_swiglu(h, alpha, limit)
@@ -143,7 +146,7 @@ class GroupedExperts(nn.Module):
         return activate(h, self.expert_type, self.activation, self.swiglu_alpha, self.swiglu_limit)
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731 (autocast-style cast)
+        cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731 (autocast-style cast)
         return cast(self.w_in), cast(self.b_in), cast(self.w_out), cast(self.b_out)
 
     def forward(self, x_PD: Tensor, offsets_E: Tensor) -> Tensor:
@@ -163,6 +166,27 @@ class GroupedExperts(nn.Module):
         if b_out is not None:
             y_PO = y_PO + b_out.index_select(0, expert_P)
         return y_PO
+
+    def forward_sparse(self, x_PD: Tensor, counts_E: list[int]) -> Tensor:
+        """Sorted compute as `forward` (no padding), but only over the experts with rows, each as plain
+        matmuls on its own weight slices: for a few rows (decoding), where a grouped kernel's per-group
+        cost and padding outweigh the work. counts_E[e] rows of x belong to expert e, in order."""
+        w_in, b_in, w_out, b_out = self._weights(x_PD.dtype)
+        if torch.is_grad_enabled() and w_in.requires_grad:
+            # Autograd's backward of w[e] is a full-size zero tensor per slice; unbind()'s is one stack.
+            w_in, b_in, w_out, b_out = (None if w is None else w.unbind(0) for w in (w_in, b_in, w_out, b_out))
+        pieces, start = [], 0
+        for e, n in enumerate(counts_E):
+            if n == 0:
+                continue
+            h_nH = F.linear(x_PD[start:start + n], w_in[e], None if b_in is None else b_in[e])
+            if w_out is not None:
+                h_nH = F.linear(self._activate(h_nH), w_out[e], None if b_out is None else b_out[e])
+            pieces.append(h_nH)
+            start += n
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat(pieces) if pieces else x_PD.new_zeros(0, self.d_out)
 
     def forward_each(self, x_TD: Tensor, dtype: torch.dtype | None = None) -> list:
         """Per-expert callables, for the loop backend: experts[e](x_nD) -> (n, O)."""

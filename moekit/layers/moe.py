@@ -84,6 +84,21 @@ def group_align(x: Tensor) -> int:
     return 1
 
 
+def sparse_crossover(x: Tensor, num_experts: int) -> int:
+    """Below this many token-expert assignments, backend 'auto' runs 'sparse' (plain matmuls on the
+    weight slices of the experts hit) rather than 'grouped' (sort, grouped GEMM). Measured on a 2-core
+    CPU (docs/results/hf_speed.md, "Layer paths"); on accelerators 'grouped' runs without host syncs."""
+    if x.device.type != "cpu":
+        return 0
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return SPARSE_CROSSOVER_LOW_PRECISION * num_experts
+    return SPARSE_CROSSOVER_FLOAT32 * num_experts
+
+
+SPARSE_CROSSOVER_LOW_PRECISION = 16  # assignments per expert, CPU bf16: below ~16 rows
+SPARSE_CROSSOVER_FLOAT32 = 4  # assignments per expert, CPU float32
+
+
 class MoE(nn.Module):
     """A drop-in replacement for a transformer FFN: `MoE(MoEConfig(...))(x).hidden_states`.
 
@@ -121,12 +136,23 @@ class MoE(nn.Module):
 
     @property
     def backend(self) -> str:
+        """The backend for large batches: the configured one, with 'auto' resolved to 'dense' (soft
+        routing) or 'grouped'. `path` gives the one a forward actually takes."""
         cfg = self.config
         if isinstance(self.experts, nn.ModuleList):
             return "loop"
         if cfg.backend != "auto":
             return cfg.backend
         return "dense" if cfg.router == "soft" else "grouped"
+
+    def path(self, num_assignments: int, x: Tensor) -> str:
+        """The backend a forward with `num_assignments` token-expert pairs (expert choice: E * C) takes:
+        'auto' picks 'sparse' below the measured crossover of `sparse_crossover`, else `backend`."""
+        backend = self.backend
+        if self.config.backend == "auto" and backend == "grouped" \
+                and num_assignments < sparse_crossover(x, self.config.num_experts):
+            return "sparse"
+        return backend
 
     def forward(self, x: Tensor) -> MoEOutput:
         cfg = self.config
@@ -176,10 +202,14 @@ class MoE(nn.Module):
             weights_TK = weights_TK * kept_TK  # a dropped token keeps only its residual/shared path
             dropped = int((~kept_TK).sum())
 
-        backend = self.backend
+        backend = self.path(ids_TK.numel(), x_TD)
         if backend == "grouped":
             dispatch = sort_by_expert(ids_TK, kept_TK, E, align=group_align(x_TD))
             y_PD = self.experts(gather_tokens(x_TD, dispatch), dispatch.offsets_E)
+            return combine_token_choice(y_PD, dispatch, weights_TK), dispatch.counts_E, dropped, None
+        if backend == "sparse":
+            dispatch = sort_by_expert(ids_TK, kept_TK, E)
+            y_PD = self.experts.forward_sparse(gather_tokens(x_TD, dispatch), dispatch.counts_E.tolist())
             return combine_token_choice(y_PD, dispatch, weights_TK), dispatch.counts_E, dropped, None
 
         kept_ids_TK = ids_TK if kept_TK is None else ids_TK.masked_fill(~kept_TK, E)
@@ -210,11 +240,14 @@ class MoE(nn.Module):
         chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device)
         dropped = T - int(chosen_T.index_fill_(0, token_EC.reshape(-1), True).sum())
 
-        backend = self.backend
-        if backend == "grouped":
+        backend = self.path(token_EC.numel(), x_TD)
+        if backend in ("grouped", "sparse"):
             token_P = token_EC.reshape(-1)
-            offsets_E = torch.arange(1, E + 1, device=x_TD.device, dtype=torch.int32) * C
-            y_PD = self.experts(x_TD.index_select(0, token_P), offsets_E)
+            x_PD = x_TD.index_select(0, token_P)
+            if backend == "sparse":
+                y_PD = self.experts.forward_sparse(x_PD, [C] * E)
+            else:
+                y_PD = self.experts(x_PD, torch.arange(1, E + 1, device=x_TD.device, dtype=torch.int32) * C)
             return combine_expert_choice(y_PD, token_P, weights_EC.reshape(-1), T), counts_E, dropped, None
         if backend == "dense":
             dense_TE = torch.zeros(T, E, dtype=weights_EC.dtype, device=x_TD.device)

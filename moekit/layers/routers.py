@@ -44,8 +44,10 @@ def router_dtype(x: Tensor) -> torch.dtype:
 
 def _router_logits(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor | None = None) -> Tensor:
     dtype = router_dtype(x_TD)
-    with torch.autocast(device_type=x_TD.device.type, enabled=False):
-        return F.linear(x_TD.to(dtype), weight_ED.to(dtype), None if bias_E is None else bias_E.to(dtype))  # (T, E)
+    if torch.is_autocast_enabled(x_TD.device.type):
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return _router_logits(x_TD, weight_ED, bias_E)
+    return F.linear(x_TD.to(dtype), weight_ED.to(dtype), None if bias_E is None else bias_E.to(dtype))  # (T, E)
 
 
 class TokenChoiceRouter(nn.Module):

@@ -42,9 +42,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32: the mean of squares of bf16 activations loses too many digits.
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        # x * rsqrt(mean(x^2) + eps), computed in float32 for bf16/fp16 input (the mean of squares of
+        # bf16 activations loses too many digits), cast back, then times the weight: one fused call.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 # --- rotary position embedding ----------------------------------------------------------------
@@ -85,17 +85,19 @@ def rope_inv_freq(rot_dim: int, theta: float, scaling: RopeScaling | None = None
 
 def rope_tables(head_dim: int, max_len: int, theta: float,
                 scaling: RopeScaling | None = None) -> tuple[Tensor, Tensor]:
-    """cos and sin, each (max_len, head_dim // 2), for rotary position embedding."""
+    """The tables of `apply_rope`, each (max_len, head_dim): [cos, cos] and [-sin, sin]."""
     inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
+    cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
+    return torch.cat((cos, cos), dim=-1).float(), torch.cat((-sin, sin), dim=-1).float()
 
 
 def apply_rope(x_BHTQ: Tensor, cos_TQ: Tensor, sin_TQ: Tensor) -> Tensor:
-    """Rotate the pairs (x[i], x[i + Q/2]) by each position's angles (the GPT-NeoX layout)."""
-    x1, x2 = x_BHTQ.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos_TQ - x2 * sin_TQ, x2 * cos_TQ + x1 * sin_TQ), dim=-1)
-    return out.to(x_BHTQ.dtype)
+    """Rotate the pairs (x1[i], x2[i]) = (x[i], x[i + Q/2]) by each position's angles (the GPT-NeoX
+    layout): (x1 cos - x2 sin, x2 cos + x1 sin) = x * [cos, cos] + [x2, x1] * [-sin, sin], in float32.
+    The second form is one roll and three products, the same numbers as the first."""
+    x = x_BHTQ.float()
+    return (x * cos_TQ + x.roll(x.shape[-1] // 2, dims=-1) * sin_TQ).to(x_BHTQ.dtype)
 
 
 # --- KV cache and masks -----------------------------------------------------------------------
@@ -136,11 +138,14 @@ def attention_mask(T: int, past: int, window: int | None, device) -> Tensor | No
 
 
 def attend(q_BHTQ: Tensor, k_BHSQ: Tensor, v_BHSU: Tensor, past: int, window: int | None,
-           sinks_H: Tensor | None = None, scale: float | None = None, dropout: float = 0.0) -> Tensor:
+           sinks_H: Tensor | None = None, scale: float | None = None, dropout: float = 0.0,
+           query_len: int | None = None) -> Tensor:
     """Causal scaled dot-product attention over cached + new keys, with an optional sliding window
     and per-head sink logits (GPT-OSS: an extra softmax term exp(sink) that takes probability
-    mass and returns nothing)."""
-    T = q_BHTQ.shape[2]
+    mass and returns nothing). Keys and values may have fewer heads than queries (grouped-query
+    attention, H/G query heads per kv head, without sinks). `query_len` = 1: the rows of q are not
+    positions but queries of one position (grouped-query decoding)."""
+    T = q_BHTQ.shape[2] if query_len is None else query_len
     mask_TS = attention_mask(T, past, window, q_BHTQ.device)
     is_causal = mask_TS is None and past == 0 and T > 1
     if sinks_H is not None:
@@ -158,7 +163,8 @@ def attend(q_BHTQ: Tensor, k_BHSQ: Tensor, v_BHSU: Tensor, past: int, window: in
         sink_HT1 = sinks_H.to(q_BHTQ.dtype).view(H, 1, 1).expand(H, T, 1)
         mask_TS = torch.cat((bias_TS.expand(H, T, S), sink_HT1), dim=-1)  # (H, T, S + 1)
     return F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSU, attn_mask=mask_TS, is_causal=is_causal,
-                                          dropout_p=dropout, scale=scale)
+                                          dropout_p=dropout, scale=scale,
+                                          enable_gqa=k_BHSQ.shape[1] != q_BHTQ.shape[1])
 
 
 # --- attention --------------------------------------------------------------------------------
@@ -207,12 +213,20 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k_BGTQ, v_BGTQ = cache.append(k_BGTQ, v_BGTQ)  # now (B, G, past + T, Q)
-        if G != H:
-            # repeat_interleave keeps query head h on kv head h // (H/G), the usual GQA layout.
-            k_BGTQ = k_BGTQ.repeat_interleave(H // G, dim=1)
-            v_BGTQ = v_BGTQ.repeat_interleave(H // G, dim=1)
-        y_BHTQ = attend(q_BHTQ, k_BGTQ, v_BGTQ, past, self.window, self.sinks,
-                        dropout=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if G != H and T == 1 and self.sinks is None:
+            # Decoding: the H/G query heads sharing kv head g become H/G queries of g, so the cache
+            # is read once per kv head (one query sees every cached key: no causal mask between them).
+            y_BGRQ = attend(q_BHTQ.reshape(B, G, H // G, Q), k_BGTQ, v_BGTQ, past, self.window,
+                            dropout=dropout, query_len=1)  # R = H/G
+            y_BHTQ = y_BGRQ.reshape(B, H, 1, Q)
+        else:
+            if G != H and self.sinks is not None:
+                # The sink mask is per query head: give every query head its kv head's copy
+                # (repeat_interleave keeps query head h on kv head h // (H/G), the usual GQA layout).
+                k_BGTQ = k_BGTQ.repeat_interleave(H // G, dim=1)
+                v_BGTQ = v_BGTQ.repeat_interleave(H // G, dim=1)
+            y_BHTQ = attend(q_BHTQ, k_BGTQ, v_BGTQ, past, self.window, self.sinks, dropout=dropout)
         y_BTX = y_BHTQ.transpose(1, 2).reshape(B, T, H * Q)
         return F.dropout(self.out_proj(y_BTX), self.dropout, self.training)
 
@@ -693,11 +707,12 @@ class Transformer(Pretrained, nn.Module):
                 inactive += (cfg.num_experts - cfg.experts_per_token) * per_expert
         return {"total": total, "active": total - inactive, "embedding": self.tok_emb.weight.numel()}
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None,
-                cache: list[KVCache] | None = None) -> tuple[Tensor, TransformerOutput]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: list[KVCache] | None = None,
+                last_only: bool = False) -> tuple[Tensor, TransformerOutput]:
         """idx (B, T) token ids -> logits (B, T, V) and a `TransformerOutput`.
 
-        With `cache` (one `KVCache` per layer), idx continues the cached positions.
+        With `cache` (one `KVCache` per layer), idx continues the cached positions. `last_only`
+        computes the logits of the last position only, (B, 1, V): all that sampling needs.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
@@ -716,10 +731,14 @@ class Transformer(Pretrained, nn.Module):
             if info.expert_counts is not None:
                 aux_loss = aux_loss + info.aux_loss
                 counts[i], dropped[i] = info.expert_counts, info.dropped_tokens
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
         logits_BTV = self.lm_head(self.norm(x_BTD))
 
         lm_loss = loss = None
         if targets is not None:
+            if last_only:
+                raise ValueError("targets need the logits of every position (last_only=False)")
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal "
                                  f"idx shape {tuple(idx.shape)}")
@@ -752,17 +771,19 @@ class Transformer(Pretrained, nn.Module):
         # The cache holds what this call needs, not block_size (a long-context model's is large).
         cache = self.new_cache(idx.shape[0], context.shape[1] + max_new_tokens)
         capacity = cache[0].k_BGSQ.shape[2]
-        logits_BTV, _ = self(context, cache=cache)
-        for _ in range(max_new_tokens):
-            next_B = sample_next_token(logits_BTV[:, -1], temperature, top_k, top_p, generator)
+        logits_B1V, _ = self(context, cache=cache, last_only=True)
+        for step in range(max_new_tokens):
+            next_B = sample_next_token(logits_B1V[:, -1], temperature, top_k, top_p, generator)
             yield next_B
+            if step == max_new_tokens - 1:
+                return  # no forward for a token nobody asked for
             context = torch.cat((context, next_B[:, None]), dim=1)
             if cache[0].length >= capacity:
                 context = context[:, -(block // 2):]
                 cache = self.new_cache(idx.shape[0])
-                logits_BTV, _ = self(context, cache=cache)
+                logits_B1V, _ = self(context, cache=cache, last_only=True)
             else:
-                logits_BTV, _ = self(next_B[:, None], cache=cache)
+                logits_B1V, _ = self(next_B[:, None], cache=cache, last_only=True)
 
 
 def sample_next_token(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -13,7 +13,7 @@ from tests.layers.reference import reference_moe
 
 ROUTERS = ["softmax_topk", "topk_softmax", "noisy_topk", "sigmoid_topk", "expert_choice", "soft"]
 EXPERT_TYPES = ["swiglu", "geglu", "mlp", "linear"]
-BACKENDS = ["grouped", "loop", "dense"]
+BACKENDS = ["grouped", "sparse", "loop", "dense"]
 D, F, E, K, T = 8, 6, 4, 2, 10
 
 
@@ -187,7 +187,7 @@ def test_same_seed_same_result():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["grouped", "loop", "dense"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_and_autocast_keep_router_in_float32(backend):
     moe = make_moe(backend=backend, num_shared_experts=1)
     x = torch.randn(16, D)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import MoEConfig
-from moekit.models.transformer import Transformer, TransformerConfig, apply_rope, sample_next_token
+from moekit.models.transformer import Transformer, TransformerConfig, apply_rope, rope_tables, sample_next_token
 
 
 def tiny(moe: dict | None = None, **kw) -> TransformerConfig:
@@ -64,6 +64,22 @@ def test_greedy_generation_with_cache_equals_argmax_of_full_forward():
     assert torch.stack(list(model.generate(prompt, 40, temperature=0)), dim=1).shape == (2, 40)
 
 
+def test_last_only_logits_and_one_forward_per_generated_token():
+    torch.manual_seed(0)
+    model = Transformer(tiny(MOE, n_kv_head=2)).eval()
+    idx = torch.randint(0, 37, (2, 6))
+    full, _ = model(idx)
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (2, 1, 37)
+    torch.testing.assert_close(last, full[:, -1:])
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, idx, last_only=True)
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[1]))
+    assert len(list(model.generate(idx, 5, temperature=0))) == 5
+    assert calls == [6, 1, 1, 1, 1]  # the prompt, then one token per step; none after the last
+
+
 def test_moe_with_one_expert_equals_a_plain_ffn():
     torch.manual_seed(0)
     config = tiny(dict(d_ff=24, num_experts=1, top_k=1), n_layer=1)
@@ -108,7 +124,12 @@ def test_rope_matches_complex_rotation():
     angle = pos * freqs
     z = torch.complex(x[..., :4].double(), x[..., 4:].double()) * torch.polar(torch.ones_like(angle), angle)
     expected = torch.cat((z.real, z.imag), dim=-1).float()
-    torch.testing.assert_close(apply_rope(x, angle.cos().float(), angle.sin().float()), expected)
+    torch.testing.assert_close(apply_rope(x, *rope_tables(8, 5, 10000.0)), expected)
+    # The same numbers as the two-half formula, bit for bit.
+    cos, sin = angle.cos().float(), angle.sin().float()
+    x1, x2 = x.chunk(2, dim=-1)
+    assert torch.equal(apply_rope(x, *rope_tables(8, 5, 10000.0)),
+                       torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
 
 
 def test_moe_every_and_first_dense_layers():
@@ -187,6 +208,12 @@ def angles(config, T):
     return torch.outer(torch.arange(T, dtype=torch.float64), inv_freq), factor
 
 
+def rope_layout(theta, factor):
+    """The (T, Q) tables the attention modules take: [cos, cos] and [-sin, sin] (see `rope_tables`)."""
+    cos, sin = theta.cos() * factor, theta.sin() * factor
+    return torch.cat((cos, cos), dim=-1).float(), torch.cat((-sin, sin), dim=-1).float()
+
+
 def randomize_(model):
     torch.manual_seed(1)
     with torch.no_grad():
@@ -214,8 +241,7 @@ def test_attention_options_match_a_plain_reference(options):
     T = 9
     x = torch.randn(1, T, config.d_model)
     theta, factor = angles(config, T)
-    cos, sin = (theta.cos() * factor).float(), (theta.sin() * factor).float()
-    out = attn(x, cos, sin)
+    out = attn(x, *rope_layout(theta, factor))
 
     x_TD = x[0].double()
     w = {n: p.detach().double() for n, p in attn.named_parameters()}
@@ -248,7 +274,7 @@ def test_latent_attention_matches_a_plain_reference(mla):
     N, R, U, C = 4, 4, 5, 6
     x = torch.randn(1, T, config.d_model)
     theta, factor = angles(config, T)
-    out = attn(x, (theta.cos() * factor).float(), (theta.sin() * factor).float())
+    out = attn(x, *rope_layout(theta, factor))
 
     x_TD = x[0].double()
     w = {n: p.detach().double() for n, p in attn.named_parameters()}
@@ -271,6 +297,7 @@ def test_latent_attention_matches_a_plain_reference(mla):
 
 
 CACHED = {
+    "gqa-window": tiny(MOE, sliding_window=3, n_kv_head=2),  # decoding reads the cache per kv head
     "window-sinks-alternating": tiny(MOE, sliding_window=3, sliding_window_layers=[0], attn_sinks=True,
                                      head_dim=6, n_kv_head=2),
     "qk-norm-yarn": tiny(MOE, qk_norm="head", rope_scaling=dict(type="yarn", factor=2.0, original_max_len=8)),
