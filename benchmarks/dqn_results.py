@@ -73,15 +73,20 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=["0.95,3", "0.9,10", "0.9,1", "0.8,3"],
                         help="other 'gamma,n_step' pairs for DQN (mlp), run on the first seed with the dynamics on")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON file")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the markdown and PNGs from the JSON file's runs, training nothing")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "dqn.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
     json_path = Path(args.out).with_suffix(".json")
-    store = json.loads(json_path.read_text()) if args.resume and json_path.is_file() else {}
+    store = json.loads(json_path.read_text()) if (args.resume or args.report_only) and json_path.is_file() else {}
+    deep = f"lookahead oracle, depth {args.oracle_depth} (reads the simulator state)"
+    if args.report_only:
+        write_report(store, args, deep, Path(args.out))
+        return
     runs: dict = store.setdefault("runs", {})
     data = load_data(args.data_dir, args.dataset)
-    deep = f"lookahead oracle, depth {args.oracle_depth} (reads the simulator state)"
 
     def save():
         store["args"] = vars(args)
