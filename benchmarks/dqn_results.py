@@ -14,6 +14,7 @@ docs/results/dqn.json at once, and `--resume` skips the runs already there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -28,16 +29,20 @@ sys.path.insert(0, str(REPO))
 from benchmarks.retrieval_results import commit  # noqa: E402
 from moekit.commands.info import environment_summary  # noqa: E402
 from moekit.io import atomic_write_json, atomic_write_text  # noqa: E402
+from moekit.plots import line_curves  # noqa: E402
 from moekit.rl.calibration import estimate_dynamics  # noqa: E402
+from moekit.rl.dqn import QNetworkOptions  # noqa: E402
 from moekit.rl.policies import LookaheadOracle, greedy_mf_policy, most_popular_policy, random_policy  # noqa: E402
 from moekit.rl.simulator import SimulatorConfig  # noqa: E402
 from moekit.train.dqn import (  # noqa: E402
-    DQNTrainConfig,
+    DQNConfig,
+    DQNDataConfig,
+    DQNTrainSettings,
     build_simulator,
     evaluate_policy,
+    fit,
     load_data,
-    plot_curves,
-    train_dqn,
+    resolve_data,
     value_calibration,
 )
 
@@ -46,13 +51,19 @@ FIXED = ["random", "most-popular"]
 REFERENCES = ["greedy-MF (reads the MF user factors)", "myopic oracle (reads the simulator state)"]
 
 
-def learned_configs(args, seed: int, dynamics: bool) -> dict[str, DQNTrainConfig]:
-    common = dict(seed=seed, dynamics=dynamics, total_steps=args.steps, eps_decay_steps=args.steps // 2,
-                  explore=args.explore, eval_every=args.steps // args.curve_points, eval_users=args.curve_users,
-                  progress=False)
-    out = {"myopic greedy (mlp, γ = 0)": DQNTrainConfig(gamma=0.0, n_step=1, q={"q_net": "mlp"}, **common)}
+def learned_configs(args, seed: int, dynamics: bool) -> dict[str, DQNConfig]:
+    """The learned policies' run configs: the myopic greedy ranker (γ = 0) and the DQN per Q-network."""
+    data = DQNDataConfig(dataset=args.dataset, data_dir=args.data_dir, dynamics=dynamics)
+
+    def config(q_net: str, gamma: float, n_step: int) -> DQNConfig:
+        train = DQNTrainSettings(seed=seed, total_steps=args.steps, eps_decay_steps=args.steps // 2,
+                                 explore=args.explore, eval_every=args.steps // args.curve_points,
+                                 eval_users=args.curve_users, progress=False, gamma=gamma, n_step=n_step)
+        return DQNConfig(model=QNetworkOptions(q_net=q_net), data=data, train=train)
+
+    out = {"myopic greedy (mlp, γ = 0)": config("mlp", 0.0, 1)}
     for q in args.q_nets:
-        out[f"DQN ({q})"] = DQNTrainConfig(gamma=args.gamma, n_step=args.n_step, q={"q_net": q}, **common)
+        out[f"DQN ({q})"] = config(q, args.gamma, args.n_step)
     return out
 
 
@@ -86,7 +97,7 @@ def main() -> None:
         write_report(store, args, deep, Path(args.out))
         return
     runs: dict = store.setdefault("runs", {})
-    data = load_data(args.data_dir, args.dataset)
+    data = load_data(resolve_data(DQNDataConfig(dataset=args.dataset, data_dir=args.data_dir)))
 
     def save():
         store["args"] = vars(args)
@@ -120,16 +131,20 @@ def main() -> None:
                 for v in args.variants:
                     gamma, n = v.split(",")
                     name = f"DQN (mlp), γ = {float(gamma)}, n = {int(n)}"
-                    configs[name] = DQNTrainConfig(**{**configs["DQN (mlp)"].__dict__, "gamma": float(gamma),
-                                                      "n_step": int(n)})
+                    base = configs["DQN (mlp)"]
+                    configs[name] = dataclasses.replace(base, train=dataclasses.replace(
+                        base.train, gamma=float(gamma), n_step=int(n)))
             for name, cfg in configs.items():
                 if name in done:
                     continue
-                net, report = train_dqn(cfg, sim=sim)
-                done[name] = {k: report[k] for k in ("test", "curve", "train_seconds", "final_loss")}
-                done[name]["value_calibration"] = value_calibration(sim, net, curve_users, cfg.gamma, seed)
+                result = fit(cfg, sim=sim)
+                done[name] = {"test": {**result.test, "ended_by": result.extra["ended_by"]},
+                              "curve": result.extra["curve"], "train_seconds": result.train_seconds,
+                              "final_loss": result.extra["final_loss"]}
+                done[name]["value_calibration"] = value_calibration(sim, result.model, curve_users, cfg.train.gamma,
+                                                                    seed)
                 save()
-                print(f"[{key}] {name}: return {report['test']['return']:.3f} ({report['train_seconds']:.0f} s)",
+                print(f"[{key}] {name}: return {result.test['return']:.3f} ({result.train_seconds:.0f} s)",
                       flush=True)
     store["seconds"] = store.get("seconds", 0.0) + time.perf_counter() - start
     save()
@@ -312,7 +327,7 @@ def make_plots(store: dict, args, learned: list[str], out: Path) -> list[Path]:
                 if v:
                     refs[n] = float(np.mean(v))
             path = out.with_name(f"dqn_{metric}_{setting}.png")
-            plot_curves(curves, path, xlabel="training env steps (recommendations)", ylabel=ylabel,
+            line_curves(curves, path, xlabel="training env steps (recommendations)", ylabel=ylabel,
                         title=f"{SETTINGS[setting]}: {ylabel} on {args.curve_users} training users, seeds {args.seeds}",
                         references=refs, bands=bands)
             paths.append(path)
