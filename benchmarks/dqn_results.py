@@ -155,8 +155,13 @@ def _stats(runs: dict, setting: str, seeds: list[int], name: str, key: str) -> n
     return np.array([runs[f"{setting}/{s}"][name]["test"][key] for s in seeds if name in runs.get(f"{setting}/{s}", {})])
 
 
-def _cell(v: np.ndarray, digits: int = 3) -> str:
-    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) else "n/a"
+def _cell(v: np.ndarray, digits: int = 3, seeds: int = 0) -> str:
+    """mean ± std over the seeds run; says so when fewer than `seeds` were."""
+    if not len(v):
+        return "n/a"
+    if len(v) == 1 and seeds > 1:
+        return f"{v[0]:.{digits}f} (1 seed)"
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" + (f" ({len(v)} seeds)" if len(v) < seeds else "")
 
 
 def write_report(store: dict, args, deep: str, out: Path) -> None:
@@ -168,7 +173,7 @@ def write_report(store: dict, args, deep: str, out: Path) -> None:
         rows = ["| policy | return per session | session length | hit rate (≥ 4 stars) | mean stars | real held-out share |",
                 "|---|---|---|---|---|---|"]
         for n in names:
-            cells = [_cell(_stats(runs, setting, seeds, n, k), d) for k, d in
+            cells = [_cell(_stats(runs, setting, seeds, n, k), d, len(seeds)) for k, d in
                      (("return", 3), ("session_length", 2), ("hit_rate", 3), ("mean_stars", 3), ("real_share", 3))]
             label = f"**{n}**" if n.startswith("DQN") else n
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -181,6 +186,10 @@ def write_report(store: dict, args, deep: str, out: Path) -> None:
             if not len(dqn) or len(dqn) != len(base):
                 continue
             diff = dqn - base
+            if len(diff) == 1:
+                lines.append(f"- {n} vs {myopic}: {dqn[0]:.3f} vs {base[0]:.3f}, difference {diff[0]:+.3f} "
+                             f"(one seed: no seed spread to compare it with).")
+                continue
             spread = max(dqn.std(), base.std())
             met = diff.mean() > spread and (diff > 0).all()
             lines.append(f"- {n} vs {myopic}: {dqn.mean():.3f} vs {base.mean():.3f}, difference "
