@@ -2,6 +2,8 @@
 
     python benchmarks/hf_speed.py --json docs/results/hf_speed.json --markdown docs/results/hf_speed.md
     python benchmarks/hf_speed.py --quick      # a smoke run: small sizes, 2 repetitions
+    python benchmarks/hf_speed.py --tie-check --json docs/results/hf_speed.json --markdown docs/results/hf_speed.md
+        # adds why float32 logits differ where they do (router near-ties), untimed
 
 For a Mixtral-like and a Qwen3-MoE-like configuration, transformers builds a random model from its
 own config class and saves it (`save_pretrained`); transformers loads that folder back and moekit
@@ -241,6 +243,34 @@ def prefill_cell(hf, ours, default: str, dtype, sizes: Sizes, skipped: dict) -> 
     floor = Floor(floor_shapes(hf.config, B, T, T // 2, B), dtype)
     competitors[FLOOR] = Competitor(floor)
     return competitors, {"max_abs_logit_difference": check, "floor_gflop": floor.flops() / 1e9}
+
+
+def router_tie_check(family: str, sizes: Sizes, seed: int, folder: Path) -> dict:
+    """Why float32 logits can differ by more than rounding on the prefill prompt: the same weights and
+    prompt as the prefill cell, all positions compared. A token whose k-th and (k+1)-th router logits lie
+    within float32 rounding of each other can go to different experts in the two libraries (their sums
+    run in different orders); attention then carries the change to every later position of that
+    sequence. Returns the first position whose logits differ by more than 1e-4, the smallest such
+    router gap (over layers) at that position, and the smallest gap anywhere in the prompt."""
+    hf, ours, _ = build_models(family, torch.float32, folder, seed)
+    torch.manual_seed(seed)
+    B, T = sizes.prefill
+    idx = torch.randint(0, hf.config.vocab_size, (B, T))  # the prefill cell's prompt (same seed, same draw)
+    with torch.no_grad():
+        out = hf(idx, output_router_logits=True)
+        diff_BT = (out.logits - ours(idx)[0]).abs().amax(-1)
+    k = hf.config.num_experts_per_tok
+    gaps_LBT = torch.stack([(lambda top: top[..., k - 1] - top[..., k])(r.view(B, T, -1).float().topk(k + 1, -1).values)
+                            for r in out.router_logits])
+    result = {"max_abs_logit_difference_all_positions": float(diff_BT.max()),
+              "positions_over_1e-4": int((diff_BT > 1e-4).sum()), "positions": B * T,
+              "smallest_router_gap": float(gaps_LBT.min())}
+    over = [(b, t) for b in range(B) for t in range(T) if diff_BT[b, t] > 1e-4]
+    if over:
+        first = min(over, key=lambda bt: bt[1])  # the earliest differing position of any sequence
+        result.update(first_position=list(first), gap_at_first=float(gaps_LBT[:, first[0], first[1]].min()),
+                      largest_difference_before_first=float(diff_BT[first[0], : first[1]].max()) if first[1] else 0.0)
+    return result
 
 
 def decode_cell(hf, ours, default: str, dtype, sizes: Sizes, batch: int, skipped: dict) -> tuple[dict, dict]:
@@ -514,6 +544,23 @@ def render_markdown(results: dict) -> str:
             parts = [f"{n.replace('transformers ', '')} {v:.2e}" for n, v in row["max_abs_logit_difference"].items()]
             lines.append(f"- {row['family']} {row['dtype']} {row['cell']}: largest |logit difference| to moekit: "
                          + ", ".join(parts))
+    ties = results.get("router_ties") or {}
+    if ties:
+        lines += ["", "Where float32 logits differ by more than rounding (`--tie-check`: the prefill prompt, every "
+                  "position, transformers' default experts implementation): a token whose k-th and (k+1)-th router "
+                  "logits are within float32 rounding of each other can go to different experts in the two "
+                  "libraries, and attention carries the change to every later position of its sequence.", ""]
+        for family, t in ties.items():
+            if "first_position" not in t:
+                largest = t["max_abs_logit_difference_all_positions"]
+                lines.append(f"- {family}: every position within 1e-4 (largest {largest:.2e}; smallest router gap "
+                             f"in the prompt {t['smallest_router_gap']:.1e})")
+                continue
+            b, p = t["first_position"]
+            lines.append(f"- {family}: {t['positions_over_1e-4']} of {t['positions']} positions differ by more "
+                         f"than 1e-4; the first is sequence {b}, position {p}, where the router gap in one layer is "
+                         f"{t['gap_at_first']:.1e}; every earlier position of that sequence agrees within "
+                         f"{t['largest_difference_before_first']:.1e}")
     lines.append("")
 
     layer_rows = results.get("layer_paths") or []
@@ -566,11 +613,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes, 2 repetitions")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--markdown", default=None, help="write the report (markdown) to this file")
+    parser.add_argument("--tie-check", action="store_true",
+                        help="only the float32 router near-tie check, added to the --json file's results")
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.layer_reps, args.warmup = 2, 2, 1
     sizes = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
+    if args.tie_check:
+        if not args.json or not Path(args.json).is_file():
+            parser.error("--tie-check adds to an existing results file: pass --json FILE")
+        import json
+
+        results = json.loads(Path(args.json).read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            results["router_ties"] = {f: router_tie_check(f, sizes, args.seed, Path(tmp) / f) for f in args.families}
+        print(results["router_ties"], flush=True)
+        atomic_write_json(args.json, results)
+        if args.markdown:
+            atomic_write_text(args.markdown, render_markdown(results))
+        return 0
 
     import transformers
 
