@@ -97,6 +97,8 @@ def main() -> None:
         write_report(store, args, deep, Path(args.out))
         return
     runs: dict = store.setdefault("runs", {})
+    if commit() not in store.setdefault("run_commits", []):
+        store["run_commits"].append(commit())
     data = load_data(resolve_data(DQNDataConfig(dataset=args.dataset, data_dir=args.data_dir)))
 
     def save():
@@ -219,11 +221,13 @@ def write_report(store: dict, args, deep: str, out: Path) -> None:
     env = environment_summary()
     d, m = SimulatorConfig(), SimulatorConfig.memoryless()
     secs = {n: np.mean([runs[k][n]["train_seconds"] for k in runs if n in runs[k]]) for n in learned}
+    train_minutes = sum(r.get("train_seconds", 0.0) for k in runs for r in runs[k].values()) / 60
     text = f"""# DQN recommender in a user simulator with long-term dynamics ({args.dataset})
 
-Command: `python benchmarks/dqn_results.py --data-dir ../shared/data/{args.dataset}` (commit {commit()};
-{store.get('seconds', 0) / 60:.0f} min in all). Machine: {env['cpu_count']}-core CPU shared with other jobs, torch {env['torch']}, 1 thread.
-Raw numbers: `docs/results/dqn.json`.
+Command: `python benchmarks/dqn_results.py --data-dir ../shared/data/{args.dataset}` (report written at commit {commit()};
+runs recorded at {', '.join(store.get('run_commits', [])) or 'the same commit'}; {train_minutes:.0f} min of learned-policy training in all).
+Machine: {env['cpu_count']}-core CPU shared with other jobs, torch {env['torch']}, 1 thread. Raw numbers: `docs/results/dqn.json`.
+{store.get('provenance', '')}
 
 ## The simulator (`moekit.rl.simulator`)
 
