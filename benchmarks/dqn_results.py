@@ -339,9 +339,10 @@ def make_plots(store: dict, args, learned: list[str], out: Path) -> list[Path]:
                 v = [runs[f"{setting}/{s}"][n]["curve_users"][metric] for s in args.seeds if n in runs.get(f"{setting}/{s}", {})]
                 if v:
                     refs[n] = float(np.mean(v))
+            present = [s for s in args.seeds if any(n in runs.get(f"{setting}/{s}", {}) for n in learned)]
             path = out.with_name(f"dqn_{metric}_{setting}.png")
             line_curves(curves, path, xlabel="training env steps (recommendations)", ylabel=ylabel,
-                        title=f"{SETTINGS[setting]}: {ylabel} on {args.curve_users} training users, seeds {args.seeds}",
+                        title=f"{SETTINGS[setting]}\n{ylabel} on {args.curve_users} training users, seeds {present}",
                         references=refs, bands=bands)
             paths.append(path)
     return paths
