@@ -105,8 +105,10 @@ class MoEConfig:
 
     # --- execution
     backend: str = "auto"
-    """'grouped' (sort tokens by expert, grouped GEMMs), 'loop' (per-expert loop, the reference),
-    'dense' (every expert on every token), 'auto' (dense for soft routing, else grouped)."""
+    """'grouped' (sort tokens by expert, grouped GEMMs), 'sparse' (plain matmuls on the weight slices
+    of the experts hit, no padding), 'loop' (per-expert loop, the reference), 'dense' (every expert on
+    every token), 'auto' (dense for soft routing; sparse for a few tokens in CPU bf16/fp16, below
+    `moe.sparse_crossover`; else grouped)."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts"):

@@ -86,17 +86,17 @@ def group_align(x: Tensor) -> int:
 
 def sparse_crossover(x: Tensor, num_experts: int) -> int:
     """Below this many token-expert assignments, backend 'auto' runs 'sparse' (plain matmuls on the
-    weight slices of the experts hit) rather than 'grouped' (sort, grouped GEMM). Measured on a 2-core
-    CPU (docs/results/hf_speed.md, "Layer paths"); on accelerators 'grouped' runs without host syncs."""
-    if x.device.type != "cpu":
-        return 0
-    if x.dtype in (torch.bfloat16, torch.float16):
+    weight slices of the experts hit) rather than 'grouped' (sort, grouped GEMM). Only CPU bf16/fp16
+    has one: there the grouped path pads every expert's rows to 32 (`group_align`), which a few
+    tokens pay for many times over. In float32 it pads nothing, and 'grouped' measured as fast as
+    'sparse' or faster at every token count from 1 (docs/results/hf_speed.md, "Layer paths"); on
+    accelerators 'grouped' runs without host syncs."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         return SPARSE_CROSSOVER_LOW_PRECISION * num_experts
-    return SPARSE_CROSSOVER_FLOAT32 * num_experts
+    return 0
 
 
 SPARSE_CROSSOVER_LOW_PRECISION = 16  # assignments per expert, CPU bf16: below ~16 rows
-SPARSE_CROSSOVER_FLOAT32 = 4  # assignments per expert, CPU float32
 
 
 class MoE(nn.Module):
