@@ -51,6 +51,17 @@ FIXED = ["random", "most-popular"]
 REFERENCES = ["greedy-MF (reads the MF user factors)", "myopic oracle (reads the simulator state)"]
 
 
+def portable_args(args) -> dict:
+    """The run's arguments without this machine's paths: the data folder by its name, the report by
+    its place in the repository."""
+    out = vars(args).copy()
+    if out["data_dir"]:
+        out["data_dir"] = Path(out["data_dir"]).name
+    out["out"] = str(Path(out["out"]).resolve().relative_to(REPO)) if Path(out["out"]).resolve().is_relative_to(
+        REPO) else Path(out["out"]).name
+    return out
+
+
 def learned_configs(args, seed: int, dynamics: bool) -> dict[str, DQNConfig]:
     """The learned policies' run configs: the myopic greedy ranker (γ = 0) and the DQN per Q-network."""
     data = DQNDataConfig(dataset=args.dataset, data_dir=args.data_dir, dynamics=dynamics)
@@ -102,7 +113,7 @@ def main() -> None:
     data = load_data(resolve_data(DQNDataConfig(dataset=args.dataset, data_dir=args.data_dir)))
 
     def save():
-        store["args"] = vars(args)
+        store["args"] = portable_args(args)
         atomic_write_json(json_path, store)
 
     for setting in args.settings:
